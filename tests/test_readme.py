@@ -1,0 +1,45 @@
+"""The README's set-up commands are the ones CI runs, and the main job works."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [block.strip() for block in blocks[:2]]
+
+
+def test_ci_runs_the_readme_commands():
+    install, test = readme_commands()
+    assert "pip install" in install and "pytest" in test
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci_lines
+    assert test in ci_lines
+
+
+def test_main_job_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "loss",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "conf loss" in result.stdout and "8732 priors" in result.stdout
