@@ -114,16 +114,11 @@ LAYOUTS: dict[str, PriorLayout] = {
         max_sizes=(105, 150, 195, 240, 285, 330),
         aspect_ratios=((2, 3),) * 6,
     ),
-    # MobileNetV2-SSDLite 320 (lufficc/SSD): 3234 priors.
-    "lite320": PriorLayout(
-        image_size=320,
-        feature_sizes=(20, 10, 5, 3, 2, 1),
-        steps=(16, 32, 64, 107, 160, 320),
-        min_sizes=(60, 105, 150, 195, 240, 285),
-        max_sizes=(105, 150, 195, 240, 285, 330),
-        aspect_ratios=((2, 3),) * 6,
-    ),
 }
+# MobileNetV2-SSDLite 320 (lufficc/SSD): the lite300 boxes on a 320 input with a 20x20 first grid, 3234 priors.
+LAYOUTS["lite320"] = dataclasses.replace(
+    LAYOUTS["lite300"], image_size=320, feature_sizes=(20, 10, 5, 3, 2, 1), steps=(16, 32, 64, 107, 160, 320)
+)
 
 
 def get_layout(layout: str | PriorLayout | Mapping) -> PriorLayout:
