@@ -1,0 +1,165 @@
+"""The SSD detector: a backbone that yields one feature map per prior level, and per-level heads.
+
+Every model in odkd is an :class:`SSD`; only the backbone and the head type differ. The forward pass
+returns an :class:`SSDOutput` that carries, besides the flattened predictions, every intermediate the
+distillers need (source features, head intermediates, per-level head output maps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from odkd.priors import PriorLayout, build_priors, get_layout
+
+__all__ = ["IMAGENET", "SSD", "PredictionHead", "Preprocessing", "SSDOutput", "plain_head", "separable_head"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image must be normalised before the network: ``(pixel - mean) / std`` per channel.
+
+    ``mean`` and ``std`` are in 0-255 pixel units, listed in the order of ``channels`` (the channel
+    order the network's first convolution expects).
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.channels not in ("RGB", "BGR"):
+            raise ValueError(f"preprocessing channels must be 'RGB' or 'BGR', got {self.channels!r}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"preprocessing needs 3 means and 3 positive stds, got {self.mean}, {self.std}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def normalize(self, images: torch.Tensor, channels: str = "RGB") -> torch.Tensor:
+        """``(B, 3, H, W)`` pixels in 0-255, channel order ``channels`` -> network input (float)."""
+        if channels != self.channels:
+            images = images.flip(1)
+        mean = images.new_tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (images.float() - mean) / std
+
+
+# torchvision's ImageNet weights: RGB in [0, 1], mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+IMAGENET = Preprocessing(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+class SSDOutput(NamedTuple):
+    """Everything one forward pass produces. ``B`` batch, ``P`` priors, ``C`` classes (with background),
+    per level ``k``: ``A_k`` priors per cell on an ``H_k x W_k`` map with ``D_k`` channels."""
+
+    loc: torch.Tensor  # (B, P, 4) box regressions, encoded against the priors
+    conf: torch.Tensor  # (B, P, C) raw class logits
+    features: list[torch.Tensor]  # per level (B, D_k, H_k, W_k): the source maps fed to the heads
+    loc_maps: list[torch.Tensor]  # per level (B, A_k*4, H_k, W_k): loc head outputs before flattening
+    conf_maps: list[torch.Tensor]  # per level (B, A_k*C, H_k, W_k): conf head outputs before flattening
+    loc_intermediates: list[torch.Tensor]  # per level: input of the loc head's last conv (see PredictionHead)
+    conf_intermediates: list[torch.Tensor]  # per level: input of the conf head's last conv
+
+
+class PredictionHead(nn.Module):
+    """One level of a head: ``predictor(intermediate(x))``.
+
+    For SSDLite's separable heads ``intermediate`` is depthwise 3x3 conv + BN + ReLU6 and ``predictor``
+    the pointwise 1x1 conv; for plain heads ``intermediate`` is the identity and ``predictor`` the whole
+    conv. The split is what CrossKD needs: it feeds one model's intermediates into another's predictor.
+    """
+
+    def __init__(self, intermediate: nn.Module, predictor: nn.Conv2d) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.intermediate(x)
+        return mid, self.predictor(mid)
+
+
+def plain_head(in_channels: int, out_channels: int, kernel_size: int = 3) -> PredictionHead:
+    """A single conv (SSD300's 3x3 heads, or SSDLite's last-level 1x1)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+    return PredictionHead(nn.Identity(), conv)
+
+
+def separable_head(in_channels: int, out_channels: int) -> PredictionHead:
+    """SSDLite head: depthwise 3x3 (with bias, as in qfgaohao's mb2-ssd-lite) + BN + ReLU6, then 1x1."""
+    depthwise = nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU6(inplace=True),
+    )
+    return PredictionHead(depthwise, nn.Conv2d(in_channels, out_channels, 1))
+
+
+def _flatten(maps: list[torch.Tensor], last_dim: int) -> torch.Tensor:
+    """Per-level ``(B, A*last_dim, H, W)`` -> ``(B, sum H*W*A, last_dim)`` in prior order (cells row by
+    row, then the A priors of a cell)."""
+    batch = maps[0].shape[0]
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, last_dim) for m in maps], dim=1)
+
+
+class SSD(nn.Module):
+    """An SSD detector.
+
+    Args:
+        backbone: module mapping images ``(B, 3, S, S)`` to the list of per-level source maps.
+        conf_heads / loc_heads: one :class:`PredictionHead` per level.
+        num_classes: classes including background.
+        layout: the prior layout the heads predict for (its name or a :class:`PriorLayout`).
+        preprocessing: what the weights expect as input.
+        spec: ``name`` (the registry name of the architecture) and any other :func:`odkd.models.build_model`
+            arguments, so a checkpoint can rebuild the model; ``num_classes`` is added here.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        conf_heads: nn.ModuleList,
+        loc_heads: nn.ModuleList,
+        num_classes: int,
+        layout: str | PriorLayout,
+        preprocessing: Preprocessing,
+        spec: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.conf_heads = conf_heads
+        self.loc_heads = loc_heads
+        self.num_classes = num_classes
+        self.layout = get_layout(layout)
+        self.preprocessing = preprocessing
+        self.spec = {**(spec or {"name": "custom"}), "num_classes": num_classes}
+        # Not persistent: priors are derived from the layout and need not travel in checkpoints.
+        self.register_buffer("priors", build_priors(self.layout), persistent=False)
+
+    @property
+    def arch(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def image_size(self) -> int:
+        return self.layout.image_size
+
+    def forward(self, images: torch.Tensor) -> SSDOutput:
+        """``images``: ``(B, 3, S, S)`` normalised with :attr:`preprocessing`, ``S`` = :attr:`image_size`."""
+        features = self.backbone(images)
+        conf_mid, conf_maps = zip(*(head(f) for head, f in zip(self.conf_heads, features, strict=True)), strict=True)
+        loc_mid, loc_maps = zip(*(head(f) for head, f in zip(self.loc_heads, features, strict=True)), strict=True)
+        conf = _flatten(conf_maps, self.num_classes)
+        loc = _flatten(loc_maps, 4)
+        if loc.shape[1] != self.priors.shape[0]:
+            raise ValueError(
+                f"{self.arch}: input {tuple(images.shape[-2:])} gives {loc.shape[1]} predictions but "
+                f"the model has {self.priors.shape[0]} priors; feed {self.image_size}x{self.image_size} images"
+            )
+        return SSDOutput(loc, conf, list(features), list(loc_maps), list(conf_maps), list(loc_mid), list(conf_mid))

@@ -1,0 +1,42 @@
+"""Convert a published SSD checkpoint into an odkd model file.
+
+python scripts/convert_checkpoint.py --source qfgaohao --input mb2-ssd-lite-mp-0_686.pth --output student.pt
+python scripts/convert_checkpoint.py --source ssd.pytorch --input ssd300_mAP_77.43_v2.pth --output teacher.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from odkd.checkpoint import save_model
+from odkd.convert import SOURCES, import_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES))
+    parser.add_argument("--input", required=True, type=Path, help="the published .pth file")
+    parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
+    args = parser.parse_args()
+    if not args.input.is_file():
+        sys.exit(f"error: {args.input} does not exist")
+    try:
+        # weights_only: a checkpoint from the internet must not run code when loaded.
+        state = torch.load(args.input, map_location="cpu", weights_only=True)
+        model = import_checkpoint(state, args.source)
+    except Exception as err:
+        sys.exit(f"error: {args.input}: {err}")
+    save_model(model, args.output)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{args.input} ({args.source}) -> {args.output}: {model.arch}, {model.num_classes} classes, "
+        f"{params:,} parameters, {model.priors.shape[0]} priors, preprocessing {model.preprocessing}"
+    )
+
+
+if __name__ == "__main__":
+    main()
