@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
+from odkd.models import MODELS, build_model
 from odkd.priors import LAYOUTS, build_priors
 
 
@@ -91,6 +93,45 @@ def bench_loss(args: argparse.Namespace) -> None:
     print("\n".join(rows))
 
 
+def count_gmacs(model: torch.nn.Module, image_size: int) -> float:
+    """Multiply-accumulates of one forward pass on one image, in billions (torch's FLOP counter / 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 2e9
+
+
+def _latency_ms(model: torch.nn.Module, device: torch.device, batch: int, args: argparse.Namespace) -> float:
+    """Median ms per image of inference at ``batch``; CUDA runs bf16 autocast + channels_last."""
+    size = model.image_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    return _time_ms(forward, device, args.iters, args.warmup) / batch
+
+
+def bench_models(args: argparse.Namespace) -> None:
+    devices = _devices(args.device)
+    print(f"inference latency, ms per image; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    columns = [f"{d.type} b{b}" for d in devices for b in args.batches]
+    print(f"{'model':<26}{'params':>12}{'GMACs':>8}" + "".join(f"{c:>11}" for c in columns))
+    for name in args.models:
+        model = build_model(name, num_classes=21).eval()
+        params = sum(p.numel() for p in model.parameters())
+        row = f"{name:<26}{params:>12,}{count_gmacs(model, model.image_size):>8.2f}"
+        for device in devices:
+            model = model.to(device)
+            row += "".join(f"{_latency_ms(model, device, b, args):>11.1f}" for b in args.batches)
+        print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -103,6 +144,13 @@ def main() -> None:
     loss.add_argument("--iters", type=int, default=10)
     loss.add_argument("--warmup", type=int, default=2)
     loss.set_defaults(run=bench_loss)
+    models = sub.add_parser("models", help="parameters, GMACs and inference latency per architecture")
+    models.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    models.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    models.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    models.add_argument("--iters", type=int, default=5)
+    models.add_argument("--warmup", type=int, default=1)
+    models.set_defaults(run=bench_models)
     args = parser.parse_args()
     args.run(args)
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,31 @@ def test_main_job_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "conf loss" in result.stdout and "8732 priors" in result.stdout
+
+
+def test_models_benchmark_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "models",
+            "--models",
+            "mobilenetv2_ssdlite300",
+            "--batches",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("mobilenetv2_ssdlite300"))
+    assert "3,388,228" in row
+    assert float(row.split()[2]) == pytest.approx(0.66, abs=0.01)  # DESIGN.md §3: ~0.66 GMACs
