@@ -1,17 +1,11 @@
 """Importing the published checkpoints: keys land in the right place and outputs equal the originals'."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from _reference_nets import QFGAOHAO, SSD_PYTORCH, qfgaohao_forward, random_state_dict, ssd_pytorch_forward
 
 from odkd.checkpoint import load_model
 from odkd.convert import import_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -98,47 +92,17 @@ def test_bad_checkpoints_are_reported(ssd_pytorch_state):
         import_checkpoint(ssd_pytorch_state, "mmdet")
 
 
-def test_convert_script_writes_a_loadable_model(tmp_path, qfgaohao_state):
+def test_convert_script_writes_a_loadable_model(tmp_path, qfgaohao_state, run_script):
     src = tmp_path / "mb2-ssd-lite-mp-0_686.pth"
     torch.save(qfgaohao_state, src)
     out = tmp_path / "student.pt"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/convert_checkpoint.py",
-            "--source",
-            "qfgaohao",
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("convert_checkpoint.py", "--source", "qfgaohao", "--input", src, "--output", out)
     assert result.returncode == 0, result.stderr
     model = load_model(out)
     assert model.arch == "mobilenetv2_ssdlite300"
     assert model.preprocessing.std == (128.0,) * 3
     assert torch.equal(model.state_dict()["loc_heads.5.predictor.bias"], qfgaohao_state["regression_headers.5.bias"])
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/convert_checkpoint.py",
-            "--source",
-            "ssd.pytorch",
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("convert_checkpoint.py", "--source", "ssd.pytorch", "--input", src, "--output", out)
     assert result.returncode != 0 and "not a ssd.pytorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,8 +1,6 @@
 """The README's set-up commands are the ones CI runs, and the main job works."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,52 +21,15 @@ def test_ci_runs_the_readme_commands():
     assert test in ci_lines
 
 
-def test_main_job_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/benchmark.py",
-            "loss",
-            "--batch",
-            "2",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_main_job_runs(run_script):
+    result = run_script("benchmark.py", "loss", "--batch", 2, "--iters", 1, "--warmup", 0, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "conf loss" in result.stdout and "8732 priors" in result.stdout
 
 
-def test_models_benchmark_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/benchmark.py",
-            "models",
-            "--models",
-            "mobilenetv2_ssdlite300",
-            "--batches",
-            "1",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_models_benchmark_runs(run_script):
+    args = ("--models", "mobilenetv2_ssdlite300", "--batches", 1, "--iters", 1, "--warmup", 0, "--device", "cpu")
+    result = run_script("benchmark.py", "models", *args)
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("mobilenetv2_ssdlite300"))
     assert "3,388,228" in row
