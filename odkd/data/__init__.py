@@ -1,0 +1,17 @@
+"""Datasets, augmentation and loading."""
+
+from odkd.data.loader import build_loader, collate
+from odkd.data.transforms import build_transform
+from odkd.data.voc import VOC_CLASSES, Annotation, DatasetError, VOCDataset, load_annotations, parse_annotation
+
+__all__ = [
+    "VOC_CLASSES",
+    "Annotation",
+    "DatasetError",
+    "VOCDataset",
+    "build_loader",
+    "build_transform",
+    "collate",
+    "load_annotations",
+    "parse_annotation",
+]

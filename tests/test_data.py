@@ -1,0 +1,191 @@
+"""VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
+
+import os
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations
+from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.voc import DatasetError, parse_image_sets
+from odkd.losses import MultiBoxLoss
+from odkd.matching import match
+from odkd.priors import build_priors
+
+CLASSES = ("cat", "dog")
+
+
+def voc_xml(width, height, objects):
+    parts = [f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, box, difficult in objects:
+        coords = "".join(f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True))
+        parts.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>{coords}</bndbox></object>")
+    return "".join(parts) + "</annotation>"
+
+
+def write_voc(root, items, year="2007", split="trainval"):
+    """items: image_id -> (width, height, objects) or (width, height, objects, xml_text_override)."""
+    folder = root / f"VOC{year}"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, (width, height, objects, *override) in items.items():
+        image = np.full((height, width, 3), 128, dtype=np.uint8)
+        cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"), image)
+        text = override[0] if override else voc_xml(width, height, objects)
+        (folder / "Annotations" / f"{image_id}.xml").write_text(text)
+    (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(items) + "\n")
+    return folder
+
+
+def test_boxes_labels_and_difficult(tmp_path):
+    write_voc(tmp_path, {"a": (200, 100, [("dog", (1, 11, 100, 60), 0), ("cat", (51, 1, 200, 100), 1)])})
+    item = VOCDataset(tmp_path, "2007_trainval", CLASSES)[0]
+    # 1-based inclusive pixels: xmin=1 is the left edge (0), xmax=100 the right edge of column 100.
+    torch.testing.assert_close(item["boxes"], torch.tensor([[0.0, 0.1, 0.5, 0.6]]))
+    assert item["labels"].tolist() == [2]  # difficult cat dropped; dog is class 2
+    assert item["image"].shape == (100, 200, 3) and item["image"].dtype == np.uint8
+    kept = VOCDataset(tmp_path, "2007_trainval", CLASSES, keep_difficult=True)[0]
+    assert kept["labels"].tolist() == [2, 1]
+    torch.testing.assert_close(kept["boxes"][1], torch.tensor([0.25, 0.0, 1.0, 1.0]))
+    ann = VOCDataset(tmp_path, "2007_trainval", CLASSES).annotations[0]
+    assert ann.difficult.tolist() == [False, True]  # evaluation still sees difficult objects
+
+
+def test_image_set_unions(tmp_path):
+    write_voc(tmp_path, {"a": (10, 10, [("cat", (1, 1, 5, 5), 0)])}, year="2007")
+    write_voc(tmp_path, {"b": (10, 10, []), "c": (10, 10, [])}, year="2012", split="trainval")
+    dataset = VOCDataset(tmp_path, "2007_trainval+2012_trainval", CLASSES)
+    assert [image_id for _, image_id in dataset.items] == ["a", "b", "c"]
+    assert dataset[1]["boxes"].shape == (0, 4)
+    assert parse_image_sets("2007_trainval+MY-DATA_val") == [("2007", "trainval"), ("MY-DATA", "val")]
+    with pytest.raises(ValueError, match="<year>_<set>"):
+        parse_image_sets("trainval")
+
+
+@pytest.mark.parametrize(
+    ("xml", "problem"),
+    [
+        ("<annotation><size><width>10</width>", "malformed XML"),
+        (voc_xml(10, 10, [("horse", (1, 1, 5, 5), 0)]), "unknown class 'horse'"),
+        (voc_xml(10, 10, [("cat", (5, 1, 5, 5), 0)]), "empty or inverted"),
+        (voc_xml(10, 10, [("cat", (6, 1, 4, 5), 0)]), "empty or inverted"),
+        (voc_xml(10, 10, [("cat", (1, 1, 30, 5), 0)]), "outside the 10x10 image"),
+        (voc_xml(10, 10, [("cat", (1, 1, "five", 5), 0)]), "not a number"),
+        ("<annotation><object><name>cat</name></object></annotation>", "<size> is missing"),
+    ],
+)
+def test_bad_annotations_name_the_file(tmp_path, xml, problem):
+    write_voc(tmp_path, {"good": (10, 10, []), "bad": (10, 10, [], xml)})
+    with pytest.raises(DatasetError) as err:
+        VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    assert "bad.xml" in str(err.value) and problem in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 of 2 images"):
+        dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, skip_invalid=True)
+    assert [image_id for _, image_id in dataset.items] == ["good"]
+
+
+def test_bad_images_name_the_file(tmp_path):
+    folder = write_voc(tmp_path, {"a": (10, 10, []), "b": (10, 10, []), "c": (10, 10, [])})
+    (folder / "JPEGImages" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "JPEGImages" / "b.jpg").unlink()
+    dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    with pytest.raises(DatasetError, match=r"a\.jpg: not a readable image"):
+        dataset[0]
+    with pytest.raises(DatasetError, match=r"b\.jpg: image file does not exist"):
+        dataset[1]
+    with pytest.raises(DatasetError, match=r"a\.jpg"):
+        VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True)
+    with pytest.warns(UserWarning, match="skipped 2 of 3"):
+        dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True, skip_invalid=True)
+    assert len(dataset) == 1
+
+
+def test_missing_dataset_says_how_to_get_voc(tmp_path):
+    with pytest.raises(DatasetError, match="download PASCAL VOC"):
+        VOCDataset(tmp_path, "2007_test", CLASSES)
+    (tmp_path / "VOC2007").mkdir()
+    with pytest.raises(DatasetError, match=r"ImageSets.Main.test\.txt: image set list does not exist"):
+        VOCDataset(tmp_path, "2007_test", CLASSES)
+
+
+def test_annotation_cache_follows_file_changes(tmp_path):
+    folder = write_voc(tmp_path, {"a": (10, 10, [("cat", (1, 1, 5, 5), 0)])})
+    cache = tmp_path / "cache"
+    _, first = load_annotations(tmp_path, "2007_trainval", CLASSES, cache)
+    assert len(list(cache.iterdir())) == 1
+    _, again = load_annotations(tmp_path, "2007_trainval", CLASSES, cache)
+    assert again[0].labels.tolist() == first[0].labels.tolist() == [1]
+    xml = folder / "Annotations" / "a.xml"
+    xml.write_text(voc_xml(10, 10, [("dog", (1, 1, 5, 5), 0), ("cat", (2, 2, 6, 6), 1)]))
+    os.utime(xml, ns=(time.time_ns() + 10**9,) * 2)  # a new mtime even on coarse clocks
+    _, changed = load_annotations(tmp_path, "2007_trainval", CLASSES, cache)
+    assert changed[0].labels.tolist() == [2, 1] and changed[0].difficult.tolist() == [False, True]
+    # A different class list must not reuse the cache either.
+    _, other = load_annotations(tmp_path, "2007_trainval", ("dog", "cat"), cache)
+    assert other[0].labels.tolist() == [1, 2]
+
+
+def test_synthetic_dataset_is_voc_and_deterministic(tmp_path):
+    a = make_synthetic_voc(tmp_path / "a", {"trainval": 12, "test": 4}, seed=5)
+    b = make_synthetic_voc(tmp_path / "b", {"trainval": 12, "test": 4}, seed=5)
+    for sub in ("Annotations/000003.xml", "ImageSets/Main/test.txt", "JPEGImages/000015.jpg"):
+        assert (a / sub).read_bytes() == (b / sub).read_bytes()
+    dataset = VOCDataset(tmp_path / "a", "SYN_trainval+SYN_test", SYNTHETIC_CLASSES, keep_difficult=True)
+    assert len(dataset) == 16
+    labels = np.concatenate([ann.labels for ann in dataset.annotations])
+    assert len(labels) >= 16 and len(set(labels.tolist())) >= 4
+    sizes = {(ann.width, ann.height) for ann in dataset.annotations}
+    assert len(sizes) > 1
+    c = make_synthetic_voc(tmp_path / "c", {"trainval": 12}, seed=6)
+    assert (a / "Annotations/000003.xml").read_bytes() != (c / "Annotations/000003.xml").read_bytes()
+
+
+def test_collate_pads_targets():
+    batch = [
+        {
+            "image": torch.zeros(3, 4, 4),
+            "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
+            "labels": torch.tensor([3]),
+            "index": 7,
+        },
+        {
+            "image": torch.ones(3, 4, 4),
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "index": 2,
+        },
+    ]
+    out = collate(batch)
+    assert out["images"].shape == (2, 3, 4, 4)
+    assert out["boxes"].shape == (2, 1, 4) and out["labels"].tolist() == [[3], [-1]]
+    assert out["indices"].tolist() == [7, 2]
+
+
+def test_loader_batches_feed_a_finite_loss(tmp_path):
+    make_synthetic_voc(tmp_path, {"trainval": 16}, seed=1)
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 300))
+    loader = build_loader(dataset, batch_size=4, train=True, num_workers=2)
+    priors = build_priors("lite300")
+    criterion = MultiBoxLoss()
+    for batch in loader:
+        assert batch["images"].shape == (4, 3, 300, 300) and batch["images"].dtype == torch.uint8
+        loc_t, labels = match(batch["boxes"], batch["labels"], priors)
+        losses = criterion(torch.zeros(4, 3000, 4), torch.zeros(4, 3000, 6), loc_t, labels)
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert len(loader) == 4
+
+
+def test_distributed_loader_uses_a_distributed_sampler(tmp_path):
+    make_synthetic_voc(tmp_path, {"trainval": 8}, seed=1)
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(False, 300))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        loader = build_loader(dataset, batch_size=2, train=True, num_workers=0, distributed=True)
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert sum(len(b["indices"]) for b in loader) == 8
+    finally:
+        dist.destroy_process_group()
