@@ -1,0 +1,83 @@
+"""Running a detector over a dataset: batched, bf16 autocast + channels_last on CUDA, with progress."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from odkd.data import VOCDataset, build_loader, build_transform
+from odkd.models import SSD
+from odkd.postprocess import Detections, postprocess
+
+__all__ = ["ClassDetections", "autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
+
+# Per class name: image ids (D,), scores (D,), boxes (D, 4) in 1-based devkit pixels.
+ClassDetections = dict[str, tuple[list[str], np.ndarray, np.ndarray]]
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; None (no autocast) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def to_devkit_pixels(boxes: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """``(K, 4)`` relative x1,y1,x2,y2 -> 1-based inclusive devkit pixels, the inverse of how
+    :class:`odkd.data.VOCDataset` reads annotations (``xmin - 1``, ``xmax`` over the image size)."""
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return (boxes.float().cpu() * scale + torch.tensor([1.0, 1.0, 0.0, 0.0])).numpy()
+
+
+def detect(
+    model: SSD, loader: torch.utils.data.DataLoader, device: torch.device, progress: bool = True, **postprocess_kwargs
+) -> Iterator[tuple[int, Detections]]:
+    """Yield ``(dataset index, detections)`` for every image of ``loader`` (batches from
+    :func:`odkd.data.collate` with uint8 images); boxes relative to the image."""
+    model.eval().to(device)
+    dtype = autocast_dtype(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, leave=False):
+        images = model.preprocessing.normalize(batch["images"].to(device, non_blocking=True))
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images)
+            detections = postprocess(out.loc, out.conf, model.priors, **postprocess_kwargs)
+        yield from zip(batch["indices"].tolist(), detections, strict=True)
+
+
+def detect_dataset(
+    model: SSD,
+    dataset: VOCDataset,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    progress: bool = True,
+    **postprocess_kwargs,
+) -> ClassDetections:
+    """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
+    resize), grouped by class in devkit pixel coordinates, ready for :func:`odkd.eval.evaluate`."""
+    dataset = copy.copy(dataset)  # same annotations, the eval transform
+    dataset.transform = build_transform(False, model.image_size)
+    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
+    per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
+    for index, det in detect(model, loader, device, progress, **postprocess_kwargs):
+        ann = dataset.annotations[index]
+        boxes = to_devkit_pixels(det.boxes, ann.width, ann.height)
+        scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
+        for label in np.unique(labels):
+            keep = labels == label
+            per_class[int(label)].append((ann.image_id, scores[keep], boxes[keep]))
+    result: ClassDetections = {}
+    for label, parts in per_class.items():
+        ids = [image_id for image_id, scores, _ in parts for _ in range(len(scores))]
+        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0, np.float32)
+        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4), np.float32)
+        result[dataset.class_names[label - 1]] = (ids, scores, boxes)
+    return result

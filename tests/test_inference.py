@@ -1,0 +1,37 @@
+"""Running a model over a dataset: devkit coordinates and per-class grouping."""
+
+import numpy as np
+import torch
+
+from odkd.data import VOCDataset
+from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.inference import detect_dataset, to_devkit_pixels
+from odkd.models import build_model
+
+
+def test_devkit_pixels_invert_the_dataset_reading(tmp_path):
+    make_synthetic_voc(tmp_path, {"test": 6}, seed=3)
+    dataset = VOCDataset(tmp_path, "SYN_test", SYNTHETIC_CLASSES, keep_difficult=True)
+    for i in range(len(dataset)):
+        ann = dataset.annotations[i]
+        relative = dataset[i]["boxes"]
+        np.testing.assert_allclose(to_devkit_pixels(relative, ann.width, ann.height), ann.boxes, atol=1e-4)
+    # By hand: a 200x100 image, relative (0, 0.1, 0.5, 1) -> xmin 1, ymin 11, xmax 100, ymax 100.
+    np.testing.assert_allclose(to_devkit_pixels(torch.tensor([[0.0, 0.1, 0.5, 1.0]]), 200, 100), [[1, 11, 100, 100]])
+
+
+def test_detect_dataset_groups_detections_by_class(tmp_path):
+    make_synthetic_voc(tmp_path, {"test": 5}, seed=4)
+    dataset = VOCDataset(tmp_path, "SYN_test", SYNTHETIC_CLASSES)
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5)
+    detections = detect_dataset(model, dataset, torch.device("cpu"), batch_size=2, num_workers=0, progress=False)
+    assert set(detections) == set(SYNTHETIC_CLASSES)
+    total = 0
+    for ids, scores, boxes in detections.values():
+        assert len(ids) == len(scores) == len(boxes)
+        assert set(ids) <= {image_id for _, image_id in dataset.items}
+        assert (scores > 0.01).all() and (boxes[:, 2] >= boxes[:, 0]).all()
+        total += len(ids)
+    assert 0 < total <= 5 * 200  # at most 200 detections per image
+    assert dataset.transform is None  # the caller's dataset is left as it was
