@@ -1,0 +1,244 @@
+"""Run configuration: YAML files validated into typed dataclasses.
+
+A config file holds any subset of the sections below; every key is checked against the dataclass
+fields (unknown keys and wrong types are errors that name the dotted key), and command-line overrides
+``key.sub=value`` (values parsed as YAML) apply on top::
+
+    cfg = load_config("configs/demo_mbv2_synthetic.yaml", ["optim.max_iters=200", "data.batch_size=8"])
+    save_config(cfg, "runs/x/config.yaml")   # the resolved config goes with every run
+
+Learning-rate scaling rule: the recipes give ``optim.lr`` for ``optim.reference_batch_size`` images per
+step; with another total batch (batch_size x GPUs) the lr is scaled linearly, and warm-up keeps the
+first iterations stable (see :func:`scaled_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from odkd.data.synthetic import SYNTHETIC_CLASSES
+from odkd.data.voc import VOC_CLASSES
+
+__all__ = ["Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
+
+CLASS_LISTS = {"voc": VOC_CLASSES, "synthetic": SYNTHETIC_CLASSES}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilenetv2_ssdlite300"  # a name of odkd.models.MODELS
+    width_mult: float = 1.0  # MobileNetV2 only
+    pretrained_backbone: str | None = None  # "imagenet", a path to torchvision weights, or none
+    init_checkpoint: str | None = None  # start from these weights (odkd model/training file)
+    init_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of init_checkpoint
+
+
+@dataclass
+class DataConfig:
+    voc_root: str = "data/synthetic"  # folder that contains VOC<year>/
+    train_sets: str = "SYN_trainval"  # e.g. 2007_trainval+2012_trainval
+    test_sets: str = "SYN_test"  # e.g. 2007_test
+    classes: str | list[str] = "synthetic"  # "voc", "synthetic", or a list of names
+    synthetic: bool = False  # create the synthetic dataset at voc_root if it is missing
+    synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
+    keep_difficult: bool = False  # keep difficult objects in the training targets
+    skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping
+    batch_size: int = 32  # per process
+    num_workers: int = 4
+
+
+@dataclass
+class LossConfig:
+    neg_pos_ratio: float = 3.0
+    iou_threshold: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # for reference_batch_size images per step
+    reference_batch_size: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_iters: int = 120_000
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [80_000, 100_000])
+    gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3
+    grad_clip: float | None = None  # max gradient norm
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    amp: bool = True  # bf16 where supported, else fp16 + GradScaler (CUDA only)
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model
+    ema_decay: float | None = None  # keep an EMA of the weights (e.g. 0.9998) and evaluate it
+    log_every: int = 20
+    eval_every: int = 5000
+    checkpoint_every: int = 5000
+    keep_last: int = 3  # training checkpoints kept besides best.pt
+    max_bad_steps: int = 10  # consecutive NaN/inf losses before the run stops
+
+
+@dataclass
+class EvalConfig:
+    metric: Literal["voc07", "area"] = "voc07"
+    batch_size: int = 32
+    score_threshold: float = 0.01
+    nms_threshold: float = 0.45
+    top_k: int = 200
+    max_detections: int = 200
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        classes = self.data.classes
+        return tuple(CLASS_LISTS[classes]) if isinstance(classes, str) else tuple(classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Including background."""
+        return len(self.class_names) + 1
+
+
+def _check(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to ``annotation`` (dataclass, scalar, list, dict, Literal, Optional)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(annotation, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check(k, args[0], key): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        section = f" of {prefix}" if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{section}: {sorted(names)}")
+    return cls(**{k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()})
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[last] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- the YAML file at ``path`` <- ``overrides`` (``"a.b=value"``), validated."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections, got {type(tree).__name__}")
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text))
+    try:
+        cfg = _build(Config, tree)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    _validate(cfg, source)
+    return cfg
+
+
+def _validate(cfg: Config, source: str) -> None:
+    """Cross-field checks the types cannot express."""
+    from odkd.models import MODELS  # heavy import, only when a config is really loaded
+
+    problems = []
+    if cfg.model.name not in MODELS:
+        problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}")
+    if isinstance(cfg.data.classes, str) and cfg.data.classes not in CLASS_LISTS:
+        problems.append(f"data.classes: {cfg.data.classes!r} is neither {sorted(CLASS_LISTS)} nor a list of names")
+    if cfg.data.batch_size < 1 or cfg.optim.max_iters < 1 or cfg.optim.lr <= 0:
+        problems.append("data.batch_size, optim.max_iters and optim.lr must be positive")
+    if sorted(cfg.optim.milestones) != cfg.optim.milestones:
+        problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def scaled_lr(cfg: Config, world_size: int = 1) -> float:
+    """The linear scaling rule: ``lr * (batch_size * world_size) / reference_batch_size``."""
+    return cfg.optim.lr * cfg.data.batch_size * world_size / cfg.optim.reference_batch_size

@@ -1,0 +1,61 @@
+"""Config files: validation with clear errors, overrides, round trip, lr scaling."""
+
+import pytest
+
+from odkd.config import ConfigError, load_config, save_config, scaled_lr
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: vgg16_lite300}\noptim: {lr: 0.002, milestones: [10, 20]}\ndata: {classes: voc}\n")
+    cfg = load_config(path, ["optim.max_iters=30", "data.batch_size=8", "train.ema_decay=0.999", "optim.lr=1"])
+    assert cfg.model.name == "vgg16_lite300"
+    assert cfg.optim.milestones == [10, 20] and cfg.optim.max_iters == 30
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an int where a float is expected
+    assert cfg.train.ema_decay == 0.999 and cfg.data.batch_size == 8
+    assert cfg.num_classes == 21 and cfg.class_names[0] == "aeroplane"
+    assert load_config(None, ["data.classes=[cat, dog]"]).class_names == ("cat", "dog")
+
+
+def test_saved_config_loads_back_identical(tmp_path):
+    cfg = load_config(None, ["optim.schedule=cosine", "model.pretrained_backbone=imagenet", "data.classes=[a, b]"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown key optim.lrr"),
+        ("trian.seed=1", "unknown key trian"),
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("train.amp=3", "train.amp: expected bool"),
+        ("data.batch_size=true", "data.batch_size: expected int"),
+        ("eval.metric=coco", r"eval.metric: must be one of \['voc07', 'area'\]"),
+        ("optim.milestones=[5, x]", r"optim.milestones\[1\]: expected int"),
+        ("model.name=resnet", "model.name: unknown model 'resnet'"),
+        ("data.classes=coco", "data.classes: 'coco' is neither"),
+        ("optim.milestones=[20, 10]", "optim.milestones must increase"),
+        ("optim", "must look like section.key=value"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: a config is a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_linear_lr_scaling():
+    cfg = load_config(None, ["optim.lr=0.001", "optim.reference_batch_size=32", "data.batch_size=64"])
+    assert scaled_lr(cfg) == pytest.approx(0.002)  # 0.001 * 64 / 32
+    assert scaled_lr(cfg, world_size=4) == pytest.approx(0.008)  # 0.001 * 64*4 / 32
