@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
@@ -168,24 +167,52 @@ def test_collate_pads_targets():
 def test_loader_batches_feed_a_finite_loss(tmp_path):
     make_synthetic_voc(tmp_path, {"trainval": 16}, seed=1)
     dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 300))
-    loader = build_loader(dataset, batch_size=4, train=True, num_workers=2)
+    loader = build_loader(dataset, batch_size=4, train=True, num_workers=2, max_iters=6)
     priors = build_priors("lite300")
     criterion = MultiBoxLoss()
+    batches = 0
     for batch in loader:
         assert batch["images"].shape == (4, 3, 300, 300) and batch["images"].dtype == torch.uint8
         loc_t, labels = match(batch["boxes"], batch["labels"], priors)
         losses = criterion(torch.zeros(4, 3000, 4), torch.zeros(4, 3000, 6), loc_t, labels)
         assert all(torch.isfinite(v) for v in losses.values())
-    assert len(loader) == 4
+        batches += 1
+    assert batches == 6  # 6 iterations run over the 16 images for 1.5 epochs
 
 
-def test_distributed_loader_uses_a_distributed_sampler(tmp_path):
+def test_training_stream_is_the_same_whatever_the_workers_and_resumable(tmp_path):
+    make_synthetic_voc(tmp_path, {"trainval": 10}, seed=2)
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 96))
+
+    def stream(workers, start=0):
+        loader = build_loader(dataset, 3, train=True, num_workers=workers, max_iters=7, start_iter=start, seed=5)
+        return [(b["indices"].tolist(), b["images"]) for b in loader]
+
+    straight = stream(0)
+    assert len(straight) == 7
+    for (ia, xa), (ib, xb) in zip(straight, stream(2), strict=True):
+        assert ia == ib and torch.equal(xa, xb)
+    for (ia, xa), (ib, xb) in zip(straight[4:], stream(0, start=4), strict=True):
+        assert ia == ib and torch.equal(xa, xb)
+    # Every epoch visits every image once (10 images: epoch 0 = positions 0-9).
+    first_epoch = [i for indices, _ in straight for i in indices][:10]
+    assert sorted(first_epoch) == list(range(10))
+
+
+def test_iteration_sampler_shards_between_processes():
+    from odkd.data import IterationSampler
+
+    ranks = [list(IterationSampler(10, 2, max_iters=2, seed=1, rank=r, world_size=3)) for r in range(3)]
+    indices = [i for shard in ranks for i, _ in shard]
+    assert all(len(shard) == 4 for shard in ranks)
+    assert len(set(indices)) == 9  # one epoch of 10 // 3 * 3 = 9 distinct images, none shared
+    with pytest.raises(ValueError, match="cannot feed"):
+        IterationSampler(2, 1, 1, world_size=3)
+
+
+def test_distributed_eval_loader_uses_a_distributed_sampler(tmp_path):
     make_synthetic_voc(tmp_path, {"trainval": 8}, seed=1)
     dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(False, 300))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        loader = build_loader(dataset, batch_size=2, train=True, num_workers=0, distributed=True)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-        assert sum(len(b["indices"]) for b in loader) == 8
-    finally:
-        dist.destroy_process_group()
+    loader = build_loader(dataset, batch_size=2, train=False, num_workers=0, rank=1, world_size=2)
+    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+    assert sorted(i for b in loader for i in b["indices"].tolist()) == [1, 3, 5, 7]  # rank 1 of 2

@@ -1,6 +1,6 @@
 """Datasets, augmentation and loading."""
 
-from odkd.data.loader import build_loader, collate
+from odkd.data.loader import IterationSampler, build_loader, collate
 from odkd.data.transforms import build_transform
 from odkd.data.voc import VOC_CLASSES, Annotation, DatasetError, VOCDataset, load_annotations, parse_annotation
 
@@ -8,6 +8,7 @@ __all__ = [
     "VOC_CLASSES",
     "Annotation",
     "DatasetError",
+    "IterationSampler",
     "VOCDataset",
     "build_loader",
     "build_transform",

@@ -1,11 +1,13 @@
-"""Batching: padded targets for the batched matcher, and the DataLoader set-up."""
+"""Batching: padded targets for the batched matcher, a resumable training sampler, and DataLoaders."""
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from collections.abc import Iterator
 
-__all__ = ["build_loader", "collate"]
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+__all__ = ["IterationSampler", "build_loader", "collate"]
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -30,12 +32,51 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give each worker's augmentations their own random stream (forked workers share the parent's)."""
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_seed"):
-        transform.set_seed(info.seed % 2**32)
+class IterationSampler(Sampler):
+    """The training stream: ``(dataset index, augmentation seed)`` pairs for iterations
+    ``start_iter .. max_iters - 1`` of ``batch_size`` items per process.
+
+    Each epoch is a fresh permutation drawn from ``seed + epoch``, split between processes like
+    DistributedSampler (rank r takes every world_size-th item). Every item carries its own augmentation
+    seed, so what an iteration sees depends only on (seed, iteration, rank): not on the number of
+    loader workers, and a run resumed at iteration k continues exactly as if it had never stopped.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        max_iters: int,
+        start_iter: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.per_epoch = dataset_size // world_size  # equal shares, the remainder is dropped
+        if self.per_epoch < 1:
+            raise ValueError(f"a dataset of {dataset_size} images cannot feed {world_size} processes")
+        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start, self.stop = start_iter * batch_size, max_iters * batch_size
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.dataset_size, generator=generator)
+        seeds = torch.randint(0, 2**31 - 1, (self.dataset_size,), generator=generator)
+        share = slice(self.rank, self.per_epoch * self.world_size, self.world_size)
+        return order[share], seeds[share]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start
+        while position < self.stop:
+            epoch, offset = divmod(position, self.per_epoch)
+            order, seeds = self._epoch(epoch)
+            end = min(self.per_epoch, offset + self.stop - position)
+            yield from zip(order[offset:end].tolist(), seeds[offset:end].tolist(), strict=True)
+            position += end - offset
 
 
 def build_loader(
@@ -43,26 +84,30 @@ def build_loader(
     batch_size: int,
     train: bool,
     num_workers: int = 4,
-    distributed: bool = False,
+    max_iters: int = 0,
+    start_iter: int = 0,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader for training (shuffled, incomplete last batch dropped) or evaluation (in order).
+    """A DataLoader for training (:class:`IterationSampler`: ``max_iters`` batches from ``start_iter``)
+    or evaluation (in order; a DistributedSampler shares the set between processes under DDP).
 
-    Workers are persistent and memory is pinned when CUDA is present; under DDP a DistributedSampler
-    gives each process its share (call ``loader.sampler.set_epoch(epoch)`` every epoch).
+    Workers are persistent and memory is pinned when CUDA is present.
     """
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
-    generator = torch.Generator().manual_seed(seed)
+    if train:
+        if max_iters < 1:
+            raise ValueError("a training loader needs max_iters >= 1")
+        sampler = IterationSampler(len(dataset), batch_size, max_iters, start_iter, seed, rank, world_size)
+    else:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=train,
         persistent_workers=num_workers > 0,
-        worker_init_fn=_seed_worker,
-        generator=generator,
     )

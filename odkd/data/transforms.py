@@ -174,7 +174,9 @@ class DetectionTransform:
         self.compose = A.Compose(
             transforms,
             # Boxes are validated by the dataset; here they are only clipped and the vanished ones dropped.
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, min_width=1, min_height=1),
+            bbox_params=A.BboxParams(
+                format="pascal_voc", label_fields=["labels"], clip=True, min_width=1, min_height=1
+            ),
         )
 
     def set_seed(self, seed: int) -> None:
@@ -194,7 +196,10 @@ class DetectionTransform:
 
 
 def build_transform(
-    train: bool, size: int, mean: Sequence[float] = (123.675, 116.28, 103.53), preprocessing: Preprocessing | None = None
+    train: bool,
+    size: int,
+    mean: Sequence[float] = (123.675, 116.28, 103.53),
+    preprocessing: Preprocessing | None = None,
 ) -> DetectionTransform:
     """The SSD train (``train=True``) or eval pipeline to ``size x size``.
 

@@ -298,7 +298,12 @@ class VOCDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self._image_path(*self.items[index])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, seed)`` to seed the augmentation of this item (what
+        :class:`odkd.data.IterationSampler` yields, so training is reproducible and resumable)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and self.transform is not None:
+            self.transform.set_seed(seed)
         ann = self.annotations[index]
         image = read_image(self.image_path(index))
         if image.shape[:2] != (ann.height, ann.width):
