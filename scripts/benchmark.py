@@ -1,6 +1,8 @@
 """Benchmarks that print their numbers (speed targets live here, not in tests).
 
-python scripts/benchmark.py loss      # matching + MultiBoxLoss on random data, CPU and CUDA
+    python scripts/benchmark.py loss      # matching + MultiBoxLoss on random data, CPU and CUDA
+    python scripts/benchmark.py models    # parameters, GMACs, inference latency of every architecture
+    python scripts/benchmark.py eval      # VOC AP: vectorised evaluation vs the per-detection reference loop
 """
 
 from __future__ import annotations
@@ -8,12 +10,16 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from odkd.data.voc import VOC_CLASSES, Annotation
+from odkd.eval import METRICS, evaluate, match_detections_reference, read_devkit_results, write_devkit_results
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
 from odkd.models import MODELS, build_model
@@ -132,6 +138,102 @@ def bench_models(args: argparse.Namespace) -> None:
         print(row, flush=True)
 
 
+def _random_pixel_boxes(image_sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One box per ``(width, height)`` row of ``image_sizes``: sides 5-70% of the image, devkit pixels."""
+    size = rng.uniform(0.05, 0.7, image_sizes.shape) * image_sizes
+    centre = rng.uniform(0.0, 1.0, image_sizes.shape) * image_sizes
+    return _clip_to_image(np.concatenate((centre - size / 2, centre + size / 2), axis=1), image_sizes)
+
+
+def _clip_to_image(boxes: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
+    """Round ``(n, 4)`` boxes to whole pixels inside ``[1, width] x [1, height]``, corners in order."""
+    low = np.clip(np.round(np.minimum(boxes[:, :2], boxes[:, 2:])), 1, image_sizes)
+    high = np.clip(np.round(np.maximum(boxes[:, :2], boxes[:, 2:])), low, image_sizes)
+    return np.concatenate((low, high), axis=1)
+
+
+def synthetic_voc(
+    num_images: int, num_detections: int, seed: int
+) -> tuple[list[Annotation], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """VOC-like annotations and detections for the 20 VOC classes.
+
+    Images are 300-500 pixels a side with 1 + Poisson(1.5) objects each, 15% difficult, "person" 8x as
+    frequent as any other class. Half the detections are GT boxes jittered by ~10% of their size (90% with
+    the right class, scores ~ Beta(4, 2)), half are random boxes in random images (scores ~ Beta(1.5, 6)).
+    """
+    rng = np.random.default_rng(seed)
+    image_sizes = rng.integers(300, 501, (num_images, 2)).astype(np.float64)
+    counts = 1 + rng.poisson(1.5, num_images)
+    gt_image = np.repeat(np.arange(num_images), counts)
+    gt_boxes = _random_pixel_boxes(image_sizes[gt_image], rng)
+    frequency = np.where(np.array(VOC_CLASSES) == "person", 8.0, 1.0)
+    gt_labels = rng.choice(len(VOC_CLASSES), len(gt_image), p=frequency / frequency.sum()) + 1
+    gt_difficult = rng.random(len(gt_image)) < 0.15
+    starts = np.cumsum(counts) - counts
+    annotations = [
+        Annotation(
+            f"{i:06d}",
+            int(w),
+            int(h),
+            gt_boxes[s : s + n].astype(np.float32),
+            gt_labels[s : s + n],
+            gt_difficult[s : s + n],
+        )
+        for i, ((w, h), s, n) in enumerate(zip(image_sizes.tolist(), starts, counts, strict=True))
+    ]
+
+    near = rng.integers(0, len(gt_image), num_detections // 2)
+    gt_size = np.tile(gt_boxes[near, 2:] - gt_boxes[near, :2], 2)
+    near_boxes = _clip_to_image(
+        gt_boxes[near] + rng.normal(0.0, 0.1, gt_size.shape) * gt_size, image_sizes[gt_image[near]]
+    )
+    wrong_class = rng.random(len(near)) >= 0.9
+    near_labels = np.where(wrong_class, rng.integers(1, len(VOC_CLASSES) + 1, len(near)), gt_labels[near])
+    far_image = rng.integers(0, num_images, num_detections - len(near))
+    image = np.concatenate((gt_image[near], far_image))
+    boxes = np.concatenate((near_boxes, _random_pixel_boxes(image_sizes[far_image], rng)))
+    labels = np.concatenate((near_labels, rng.integers(1, len(VOC_CLASSES) + 1, len(far_image))))
+    scores = np.concatenate((rng.beta(4, 2, len(near)), rng.beta(1.5, 6, len(far_image)))).round(6)
+    image_ids = np.array([a.image_id for a in annotations])[image]
+    detections = {}
+    for label, name in enumerate(VOC_CLASSES, start=1):
+        of_class = labels == label
+        detections[name] = (image_ids[of_class], scores[of_class], boxes[of_class])
+    return annotations, detections
+
+
+def bench_eval(args: argparse.Namespace) -> None:
+    annotations, detections = synthetic_voc(args.images, args.detections, args.seed)
+    num_gt = sum(len(a.labels) for a in annotations)
+    num_difficult = sum(int(a.difficult.sum()) for a in annotations)
+    print(
+        f"VOC evaluation ({args.metric}): {args.images} images, {len(VOC_CLASSES)} classes, {num_gt} GT "
+        f"({num_difficult} difficult), {args.detections} detections; numpy {np.__version__}, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        fast = evaluate(detections, annotations, VOC_CLASSES, args.metric)
+        times.append(time.perf_counter() - start)
+    vectorised = statistics.median(times)
+    start = time.perf_counter()
+    loop = evaluate(detections, annotations, VOC_CLASSES, args.metric, matcher=match_detections_reference)
+    reference = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        write_devkit_results(folder, "test", VOC_CLASSES, detections)
+        start = time.perf_counter()
+        read_devkit_results(folder, "test", VOC_CLASSES)
+        reading = time.perf_counter() - start
+    print(f"vectorised evaluate()        {vectorised * 1000:9.1f} ms (median of {args.iters})")
+    print(f"reference loop evaluate()    {reference * 1000:9.1f} ms (one run, all detections)")
+    print(f"speedup                      {reference / vectorised:9.1f}x")
+    print(f"same per-class AP            {'yes' if fast.ap == loop.ap else 'NO'} (mAP {100 * fast.mAP:.2f}%)")
+    print(
+        f"read_devkit_results          {reading * 1000:9.1f} ms ({args.detections} lines in {len(VOC_CLASSES)} files)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -151,6 +253,13 @@ def main() -> None:
     models.add_argument("--iters", type=int, default=5)
     models.add_argument("--warmup", type=int, default=1)
     models.set_defaults(run=bench_models)
+    voc_eval = sub.add_parser("eval", help="VOC AP: vectorised evaluation vs the per-detection reference loop")
+    voc_eval.add_argument("--images", type=int, default=5000)
+    voc_eval.add_argument("--detections", type=int, default=100_000)
+    voc_eval.add_argument("--metric", choices=METRICS, default="voc07")
+    voc_eval.add_argument("--seed", type=int, default=0)
+    voc_eval.add_argument("--iters", type=int, default=5)
+    voc_eval.set_defaults(run=bench_eval)
     args = parser.parse_args()
     args.run(args)
 
