@@ -10,13 +10,11 @@ import torch
 from tqdm import tqdm
 
 from odkd.data import VOCDataset, build_loader, build_transform
+from odkd.eval import ClassDetections
 from odkd.models import SSD
 from odkd.postprocess import Detections, postprocess
 
-__all__ = ["ClassDetections", "autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
-
-# Per class name: image ids (D,), scores (D,), boxes (D, 4) in 1-based devkit pixels.
-ClassDetections = dict[str, tuple[list[str], np.ndarray, np.ndarray]]
+__all__ = ["autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -60,7 +58,7 @@ def detect_dataset(
     num_workers: int = 4,
     progress: bool = True,
     **postprocess_kwargs,
-) -> ClassDetections:
+) -> dict[str, ClassDetections]:
     """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
     resize), grouped by class in devkit pixel coordinates, ready for :func:`odkd.eval.evaluate`."""
     dataset = copy.copy(dataset)  # same annotations, the eval transform
@@ -74,10 +72,12 @@ def detect_dataset(
         for label in np.unique(labels):
             keep = labels == label
             per_class[int(label)].append((ann.image_id, scores[keep], boxes[keep]))
-    result: ClassDetections = {}
+    result = {}
     for label, parts in per_class.items():
-        ids = [image_id for image_id, scores, _ in parts for _ in range(len(scores))]
-        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0, np.float32)
-        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4), np.float32)
-        result[dataset.class_names[label - 1]] = (ids, scores, boxes)
+        ids = np.array([image_id for image_id, scores, _ in parts for _ in range(len(scores))], dtype=str)
+        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0)
+        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4))
+        result[dataset.class_names[label - 1]] = ClassDetections(
+            ids, scores.astype(np.float64), boxes.astype(np.float64)
+        )
     return result
