@@ -1,13 +1,14 @@
 """Benchmarks that print their numbers (speed targets live here, not in tests).
 
-    python scripts/benchmark.py loss      # matching + MultiBoxLoss on random data, CPU and CUDA
-    python scripts/benchmark.py models    # parameters, GMACs, inference latency of every architecture
-    python scripts/benchmark.py eval      # VOC AP: vectorised evaluation vs the per-detection reference loop
+python scripts/benchmark.py loss      # matching + MultiBoxLoss on random data, CPU and CUDA
+python scripts/benchmark.py models    # parameters, GMACs, inference latency of every architecture
+python scripts/benchmark.py eval      # VOC AP: vectorised evaluation vs the per-detection reference loop
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -234,6 +235,32 @@ def bench_eval(args: argparse.Namespace) -> None:
     )
 
 
+def bench_loader(args: argparse.Namespace) -> None:
+    from odkd.data import VOCDataset, build_loader, build_transform
+    from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+
+    # VOC-like image sizes (VOC photos are mostly 500 x 375-500) and JPEG decoding.
+    make_synthetic_voc(args.root, {"trainval": args.images}, min_size=375, max_size=500)
+    dataset = VOCDataset(args.root, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, args.size))
+    print(
+        f"train pipeline (decode + photometric + expand + min-IoU crop + flip + resize {args.size}): "
+        f"{len(dataset)} images of 375-500 px; {os.cpu_count()} CPUs"
+    )
+    start = time.perf_counter()
+    for i in range(args.images):
+        dataset[(i, i)]
+    per_core = args.images / (time.perf_counter() - start)
+    print(f"one process (one core)      {per_core:8.1f} images/s")
+    for workers in args.workers:
+        loader = build_loader(dataset, args.batch, train=True, num_workers=workers, max_iters=args.batches)
+        iterator = iter(loader)
+        next(iterator)  # worker start-up is not throughput
+        start = time.perf_counter()
+        count = sum(batch["images"].shape[0] for batch in iterator)
+        rate = count / (time.perf_counter() - start)
+        print(f"DataLoader, {workers:2d} workers      {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per worker)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -260,6 +287,14 @@ def main() -> None:
     voc_eval.add_argument("--seed", type=int, default=0)
     voc_eval.add_argument("--iters", type=int, default=5)
     voc_eval.set_defaults(run=bench_eval)
+    loader = sub.add_parser("loader", help="training data pipeline throughput")
+    loader.add_argument("--root", default="data/bench_loader", help="where the benchmark images are written")
+    loader.add_argument("--images", type=int, default=200)
+    loader.add_argument("--size", type=int, default=300)
+    loader.add_argument("--batch", type=int, default=32)
+    loader.add_argument("--batches", type=int, default=12, help="batches timed per worker count")
+    loader.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    loader.set_defaults(run=bench_loader)
     args = parser.parse_args()
     args.run(args)
 
