@@ -15,7 +15,7 @@ import torch
 
 from odkd.models import SSD, Preprocessing, build_model
 
-__all__ = ["atomic_save", "load_model", "save_model"]
+__all__ = ["atomic_save", "init_from_checkpoint", "load_model", "model_state_dict", "save_model"]
 
 MODEL_FORMAT = "odkd-model"
 MODEL_FORMAT_VERSION = 1
@@ -52,27 +52,68 @@ def save_model(model: SSD, path: str | os.PathLike) -> None:
     )
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSD:
-    """Rebuild a model saved by :func:`save_model` (weights, classes, width and preprocessing)."""
-    path = Path(path)
+def _read(path: Path, map_location: str | torch.device = "cpu") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise RuntimeError(f"{path}: not a readable PyTorch file ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
-        raise ValueError(
-            f"{path}: not an odkd model file. Published ssd.pytorch / qfgaohao checkpoints must be converted "
-            f"first: python scripts/convert_checkpoint.py --source ssd.pytorch|qfgaohao --input {path} --output OUT"
-        )
-    if data.get("version") != MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path}: model file version {data.get('version')} is not supported")
+
+
+def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The detector's weights from a model file or a training checkpoint (its EMA weights if it has them)."""
+    if data.get("format") == MODEL_FORMAT:
+        if data.get("version") != MODEL_FORMAT_VERSION:
+            raise ValueError(f"{path}: model file version {data.get('version')} is not supported")
+        return data["state_dict"]
+    if data.get("format") == "odkd-train":
+        if data.get("ema"):
+            # AveragedModel's state: "module.<key>" entries plus its n_averaged counter.
+            return {k[len("module.") :]: v for k, v in data["ema"].items() if k.startswith("module.")}
+        return {k[len("model.") :]: v for k, v in data["task"].items() if k.startswith("model.")}
+    raise ValueError(
+        f"{path}: not an odkd model file. Published ssd.pytorch / qfgaohao checkpoints must be converted "
+        f"first: python scripts/convert_checkpoint.py --source ssd.pytorch|qfgaohao --input {path} --output OUT"
+    )
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSD:
+    """Rebuild a model saved by :func:`save_model`, or the detector of a training checkpoint (weights,
+    classes, width and preprocessing)."""
+    path = Path(path)
+    data = _read(path, map_location)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an odkd model file")
+    state = model_state_dict(data, path)
     spec = dict(data["spec"])
     model = build_model(spec.pop("name"), **spec)
     try:
-        model.load_state_dict(data["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit {model.arch}: {err}") from err
     model.preprocessing = Preprocessing(**data["preprocessing"])
     return model
+
+
+def init_from_checkpoint(model: SSD, path: str | os.PathLike, source: str = "odkd") -> tuple[int, int]:
+    """Copy into ``model`` every weight of the checkpoint at ``path`` whose name and shape match.
+
+    For fine-tuning: e.g. an SSD300 checkpoint into the lite-layout teacher fills the VGG trunk and the
+    four extras of equal shape, and leaves the rest as initialised. ``source``: "odkd" (model file or
+    training checkpoint), or a published format of :mod:`odkd.convert` ("ssd.pytorch", "qfgaohao").
+    Returns (tensors copied, tensors of ``model`` left as they were).
+    """
+    path = Path(path)
+    if source == "odkd":
+        state = load_model(path).state_dict()
+    else:
+        from odkd.convert import import_checkpoint
+
+        state = import_checkpoint(_read(path), source).state_dict()
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"{path}: no weight fits {model.arch} (names or shapes all differ)")
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own) - len(matched)

@@ -156,6 +156,11 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
         return {_check(k, args[0], key): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
     return value

@@ -15,6 +15,7 @@ def test_defaults_file_and_overrides(tmp_path):
     assert cfg.train.ema_decay == 0.999 and cfg.data.batch_size == 8
     assert cfg.num_classes == 21 and cfg.class_names[0] == "aeroplane"
     assert load_config(None, ["data.classes=[cat, dog]"]).class_names == ("cat", "dog")
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
 
 
 def test_saved_config_loads_back_identical(tmp_path):

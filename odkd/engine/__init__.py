@@ -1,0 +1,17 @@
+"""Training: the task abstraction, the loop, schedules, distributed set-up."""
+
+from odkd.engine.distributed import DistInfo, setup_distributed
+from odkd.engine.schedule import lr_factor
+from odkd.engine.task import DetectionTask
+from odkd.engine.trainer import Trainer, TrainingError, TrainResult, latest_checkpoint
+
+__all__ = [
+    "DetectionTask",
+    "DistInfo",
+    "TrainResult",
+    "Trainer",
+    "TrainingError",
+    "latest_checkpoint",
+    "lr_factor",
+    "setup_distributed",
+]

@@ -1,0 +1,85 @@
+"""From a config to the objects a run needs: the detector and the train/test datasets."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from odkd.checkpoint import init_from_checkpoint
+from odkd.config import Config
+from odkd.data import VOCDataset, build_transform
+from odkd.data.synthetic import make_synthetic_voc
+from odkd.engine.distributed import DistInfo, barrier, setup_distributed
+from odkd.engine.task import DetectionTask
+from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
+from odkd.models import SSD, build_model
+
+__all__ = ["build_datasets", "build_detector", "run_training", "setup_logging"]
+
+log = logging.getLogger("odkd")
+
+
+def setup_logging(info: DistInfo) -> None:
+    """Readable log lines on the main process; warnings only on the others."""
+    logging.basicConfig(
+        level=logging.INFO if info.is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+
+
+def build_detector(cfg: Config) -> SSD:
+    """The model of ``cfg.model``, initialised from ImageNet and/or a checkpoint as configured."""
+    model = build_model(cfg.model.name, cfg.num_classes, cfg.model.pretrained_backbone, cfg.model.width_mult)
+    if cfg.model.init_checkpoint:
+        copied, left = init_from_checkpoint(model, cfg.model.init_checkpoint, cfg.model.init_source)
+        log.info("initialised %d tensors from %s (%d left as they were)", copied, cfg.model.init_checkpoint, left)
+    return model
+
+
+def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[VOCDataset, VOCDataset | None]:
+    """Train set with SSD augmentation to the model's input size, and the test set (None if not set)."""
+    data = cfg.data
+    if data.synthetic:
+        if info.is_main:  # one process writes, the others wait for it
+            make_synthetic_voc(data.voc_root, data.synthetic_sizes)
+        barrier(info)
+    mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
+    common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid}
+    train_set = VOCDataset(
+        data.voc_root,
+        data.train_sets,
+        transform=build_transform(True, model.image_size, mean=mean),
+        keep_difficult=data.keep_difficult,
+        **common,
+    )
+    test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
+    return train_set, test_set
+
+
+def run_training(
+    cfg: Config,
+    resume: str | None = None,
+    device: str | None = None,
+    make_task: Callable[[SSD], nn.Module] | None = None,
+    progress: bool = True,
+) -> tuple[TrainResult, DistInfo]:
+    """Everything a training script does: processes, logging, model, data, the task, the loop.
+
+    ``resume``: a checkpoint path, ``"auto"`` (the latest in ``train.output_dir``) or None.
+    ``make_task``: builds the trained module from the detector (default: :class:`DetectionTask`).
+    """
+    info = setup_distributed(device)
+    setup_logging(info)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights in every process
+    model = build_detector(cfg)
+    train_set, test_set = build_datasets(cfg, model, info)
+    task = make_task(model) if make_task else DetectionTask(model, cfg.loss.neg_pos_ratio, cfg.loss.iou_threshold)
+    trainer = Trainer(cfg, task, train_set, test_set, info, progress=progress)
+    checkpoint = latest_checkpoint(cfg.train.output_dir) if resume == "auto" else resume
+    return trainer.fit(checkpoint), info

@@ -1,0 +1,57 @@
+"""Process-group set-up for torchrun (one process per GPU), and the single-process fallback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "setup_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single process.
+
+    Device: ``cuda:<LOCAL_RANK>`` when CUDA is available (NCCL), else CPU (gloo); ``device`` forces one.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        target = torch.device("cuda", torch.cuda.current_device())
+    else:
+        target = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world_size, local_rank, target)
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a small tensor over processes (identity for one process)."""
+    if info.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()

@@ -1,0 +1,345 @@
+"""The iteration-based training loop shared by train_teacher.py and distill.py.
+
+Per iteration: uint8 batch -> device -> normalise (model preprocessing) -> task forward under autocast
+(bf16, or fp16 + GradScaler) -> losses -> backward -> clip -> SGD step -> lr schedule -> EMA. Around it:
+periodic evaluation (best checkpoint by mAP), atomic checkpoints (last K kept) that resume exactly,
+NaN/inf steps skipped (stop after K in a row), SIGINT/SIGTERM -> checkpoint and clean exit, tqdm,
+a JSONL metrics log and TensorBoard when installed. Runs on CPU, one GPU, or many under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from odkd.checkpoint import atomic_save, save_model
+from odkd.config import Config, config_to_dict, save_config, scaled_lr
+from odkd.data import VOCDataset, build_loader
+from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from odkd.engine.schedule import build_optimizer, build_scheduler
+from odkd.inference import autocast_dtype, detect_dataset
+
+__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "latest_checkpoint"]
+
+log = logging.getLogger("odkd")
+TRAIN_FORMAT = "odkd-train"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/inf); the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int  # iterations completed
+    best_map: float | None
+    last_map: float | None
+    checkpoint: Path | None  # the last training checkpoint (resume from it)
+    best_model: Path | None  # model file of the best evaluation
+    final_model: Path | None  # model file at the end of training
+    interrupted: bool  # stopped by SIGINT/SIGTERM
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The training checkpoint of the highest iteration in ``output_dir`` (None if there is none)."""
+    found = sorted(Path(output_dir).glob("checkpoint_*.pt"))
+    return found[-1] if found else None
+
+
+class Trainer:
+    """Train ``task`` (a module mapping (images, boxes, labels) to named losses; ``task.model`` is the SSD)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        task: nn.Module,
+        train_set: VOCDataset,
+        test_set: VOCDataset | None = None,
+        info: DistInfo | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.info = info or setup_distributed()
+        self.device = self.info.device
+        self.task = task.to(self.device)
+        self.model = task.model
+        self.train_set, self.test_set = train_set, test_set
+        self.progress = progress and self.info.is_main
+        self.out = Path(cfg.train.output_dir)
+        self.amp_dtype = autocast_dtype(self.device) if cfg.train.amp else None
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.channels_last:
+            self.task.to(memory_format=torch.channels_last)
+
+        self.params = [p for p in self.task.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim, scaled_lr(cfg, self.info.world_size))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            if cfg.train.ema_decay
+            else None
+        )
+        step_module: nn.Module = self.task
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            step_module = DistributedDataParallel(self.task, device_ids=ids)
+        self.step_module = torch.compile(step_module) if cfg.train.compile else step_module
+
+        self.iteration = 0
+        self.best_map: float | None = None
+        self.last_map: float | None = None
+        self._stop_signal: int | None = None
+        self._writer = None
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": TRAIN_FORMAT,
+            "version": 1,
+            "iteration": self.iteration,
+            "spec": dict(self.model.spec),
+            "preprocessing": self.model.preprocessing.to_dict(),
+            "task": self.task.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "best_map": self.best_map,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.load_state_dict(state["task"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.iteration = state["iteration"]
+        self.best_map = state["best_map"]
+
+    def resume(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+            raise ValueError(f"{path} is not an odkd training checkpoint (use model.init_checkpoint for weights)")
+        if state["spec"] != self.model.spec:
+            raise ValueError(f"{path} holds a {state['spec']} model, this run trains {self.model.spec}")
+        self.load_state_dict(state)
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint_<iteration>.pt`` atomically and keep the last ``keep_last``."""
+        path = self.out / f"checkpoint_{self.iteration:07d}.pt"
+        atomic_save(self.state_dict(), path)
+        for old in sorted(self.out.glob("checkpoint_*.pt"))[: -self.cfg.train.keep_last]:
+            old.unlink()
+        return path
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float | None:
+        """mAP of the model (its EMA when enabled) on the test set; main process only."""
+        if self.test_set is None or not self.info.is_main:
+            return None
+        from odkd.eval import evaluate, format_ap_table
+
+        model = self.ema.module if self.ema is not None else self.model
+        cfg = self.cfg.eval
+        detections = detect_dataset(
+            model,
+            self.test_set,
+            self.device,
+            batch_size=cfg.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            progress=self.progress,
+            score_threshold=cfg.score_threshold,
+            nms_threshold=cfg.nms_threshold,
+            top_k=cfg.top_k,
+            max_detections=cfg.max_detections,
+        )
+        result = evaluate(detections, self.test_set.annotations, self.test_set.class_names, metric=cfg.metric)
+        self.model.train()
+        log.info("iteration %d, %s mAP %.4f\n%s", self.iteration, cfg.metric, result.mAP, format_ap_table(result))
+        self._log({"iter": self.iteration, "mAP": result.mAP, "ap": result.ap})
+        self.last_map = result.mAP
+        if self.best_map is None or result.mAP > self.best_map:
+            self.best_map = result.mAP
+            save_model(model, self.out / "best.pt")
+        return result.mAP
+
+    # ------------------------------------------------------------------------------------ main loop
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        cfg = self.cfg
+        if resume is not None:
+            self.resume(resume)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            self._writer = _tensorboard(self.out)
+        loader = build_loader(
+            self.train_set,
+            cfg.data.batch_size,
+            train=True,
+            num_workers=cfg.data.num_workers,
+            max_iters=cfg.optim.max_iters,
+            start_iter=self.iteration,
+            seed=cfg.train.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        checkpoint = None
+        try:
+            checkpoint = self._loop(loader)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self._writer is not None:
+                self._writer.close()
+        final = None
+        if self._stop_signal is None and self.info.is_main:
+            final = self.out / "model_final.pt"
+            save_model(self.ema.module if self.ema is not None else self.model, final)
+        best = self.out / "best.pt"
+        return TrainResult(
+            self.iteration,
+            self.best_map,
+            self.last_map,
+            checkpoint,
+            best if best.is_file() else None,
+            final,
+            self._stop_signal is not None,
+        )
+
+    def _loop(self, loader) -> Path | None:
+        cfg = self.cfg.train
+        max_iters = self.cfg.optim.max_iters
+        self.task.train()
+        bar = tqdm(total=max_iters, initial=self.iteration, desc="train", unit="it", disable=not self.progress)
+        bad_in_a_row, window_images, window_start = 0, 0, time.perf_counter()
+        checkpoint = None
+        for batch in loader:
+            losses = self._forward(batch)
+            loss = sum(losses.values())
+            # One small all-reduce: every process skips or stops together.
+            flags = torch.stack(
+                [(~torch.isfinite(loss.detach())).float(), torch.tensor(float(bool(self._stop_signal))).to(loss.device)]
+            )
+            bad, stop = all_reduce_sum(flags, self.info).tolist()
+            if bad:
+                bad_in_a_row += 1
+                log.warning(
+                    "iteration %d: loss is %s, step skipped (%d in a row)", self.iteration, loss.item(), bad_in_a_row
+                )
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss was NaN/inf for {bad_in_a_row} iterations in a row (last at iteration "
+                        f"{self.iteration}). Lower optim.lr or lengthen optim.warmup_iters, and check the data "
+                        f"for bad boxes; resume from {latest_checkpoint(self.out)} once fixed."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                bad_in_a_row = 0
+                self._backward(loss)
+            self.scheduler.step()
+            self.iteration += 1
+            window_images += batch["images"].shape[0] * self.info.world_size
+            bar.update(1)
+
+            if self.iteration % cfg.log_every == 0 or self.iteration == max_iters:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "iter": self.iteration,
+                    "loss": loss.item(),
+                    **{k: v.item() for k, v in losses.items()},
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": window_images / elapsed,
+                }
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}"
+                )
+                self._log(record)
+                window_images, window_start = 0, time.perf_counter()
+            done = self.iteration == max_iters
+            if stop or done or self.iteration % cfg.checkpoint_every == 0:
+                checkpoint = self.save_checkpoint() if self.info.is_main else None
+            if stop:
+                log.warning("stopped by signal at iteration %d; resume with --resume %s", self.iteration, checkpoint)
+                break
+            if done or self.iteration % cfg.eval_every == 0:
+                self.evaluate()
+                barrier(self.info)
+        bar.close()
+        return checkpoint
+
+    def _forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        images = self.model.preprocessing.normalize(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        boxes = batch["boxes"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.step_module(images, boxes, labels)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("signal %d: saving a checkpoint after this iteration (again to stop at once)", signum)
+
+    def _log(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "iter" and isinstance(value, float) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, record["iter"])
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
