@@ -55,7 +55,7 @@ def make_trainer(cfg):
 
 
 def test_short_run_writes_everything(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, "optim.grad_clip=1.0")
     result = make_trainer(cfg).fit()
     run = tmp_path / "run"
     assert result.iteration == 4 and not result.interrupted

@@ -246,11 +246,10 @@ class Trainer:
         for batch in loader:
             losses = self._forward(batch)
             loss = sum(losses.values())
-            # One small all-reduce: every process skips or stops together.
-            flags = torch.stack(
-                [(~torch.isfinite(loss.detach())).float(), torch.tensor(float(bool(self._stop_signal))).to(loss.device)]
-            )
-            bad, stop = all_reduce_sum(flags, self.info).tolist()
+            # One small all-reduce: every process skips the step, or stops, together.
+            not_finite = (~torch.isfinite(loss.detach())).float()
+            stop_flag = torch.full_like(not_finite, float(self._stop_signal is not None))
+            bad, stop = all_reduce_sum(torch.stack([not_finite, stop_flag]), self.info).tolist()
             if bad:
                 bad_in_a_row += 1
                 log.warning(

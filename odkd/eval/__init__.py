@@ -1,31 +1,6 @@
-"""Detection evaluation: PASCAL VOC AP exactly as the official devkit computes it."""
+"""Detection evaluation: PASCAL VOC AP exactly as the official devkit computes it (see odkd.eval.voc)."""
 
-from odkd.eval.voc import (
-    METRICS,
-    ClassDetections,
-    VOCResult,
-    average_precision,
-    evaluate,
-    format_ap_table,
-    match_detections,
-    match_detections_reference,
-    precision_recall,
-    read_devkit_results,
-    results_path,
-    write_devkit_results,
-)
+from odkd.eval import voc
+from odkd.eval.voc import *  # noqa: F403  (the public API of odkd.eval.voc, listed in its __all__)
 
-__all__ = [
-    "METRICS",
-    "ClassDetections",
-    "VOCResult",
-    "average_precision",
-    "evaluate",
-    "format_ap_table",
-    "match_detections",
-    "match_detections_reference",
-    "precision_recall",
-    "read_devkit_results",
-    "results_path",
-    "write_devkit_results",
-]
+__all__ = voc.__all__
