@@ -106,6 +106,25 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Chen et al. 2017 object distillation (scripts/distill.py); see odkd.losses.ObjectDistillationLoss."""
+
+    teacher: str | None = None  # teacher weights (distill.py --teacher overrides)
+    teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
+    prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
+    temperature: float = 1.0
+    w_background: float = 1.5
+    w_object: float = 1.0
+    mu: float = 0.8  # weight of the hard loss; 1 - mu for the soft one
+    mu_end: float | None = None  # with mu_ramp_iters: ramp mu linearly to mu_end
+    mu_ramp_iters: int = 0
+    nu: float = 0.5  # teacher-bounded regression weight
+    margin: float = 0.0
+    lam: float = 1.0  # regression weight
+    gamma: float = 0.5  # hint weight
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +132,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def class_names(self) -> tuple[str, ...]:

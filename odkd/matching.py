@@ -28,6 +28,7 @@ __all__ = [
     "cxcywh_to_xyxy",
     "decode",
     "encode",
+    "map_priors",
     "match",
     "pad_targets",
     "valid_gt_mask",
@@ -131,3 +132,9 @@ def match(
     matched = torch.where(positive.unsqueeze(-1), matched, priors_xyxy)
     loc_targets = torch.where(positive.unsqueeze(-1), encode(matched, priors, variances), 0.0)
     return loc_targets, labels
+
+
+def map_priors(priors: torch.Tensor, other_priors: torch.Tensor) -> torch.Tensor:
+    """For each of ``priors`` (P, 4) the index of the prior of ``other_priors`` (Q, 4) with the highest IoU
+    (both cx,cy,w,h): ``(P,)`` int64. Pairs the outputs of detectors with different prior layouts."""
+    return box_iou(cxcywh_to_xyxy(priors), cxcywh_to_xyxy(other_priors.to(priors))).argmax(dim=1)

@@ -289,6 +289,41 @@ def bench_demo(args: argparse.Namespace) -> None:
     print(f"final mAP {100 * result.last_map:.2f}, best {100 * result.best_map:.2f}")
 
 
+def bench_kd(args: argparse.Namespace) -> None:
+    from odkd.config import load_config
+    from odkd.engine.build import run_training
+    from odkd.engine.distill_task import build_distillation_task
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
+    if not Path(args.teacher).is_file():
+        raise SystemExit(f"teacher {args.teacher} does not exist: run python scripts/train_teacher.py first")
+    results: dict[str, list[float]] = {"alone": [], "distilled": []}
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for mode in results:
+            overrides = [
+                f"train.seed={seed}",
+                f"train.output_dir={args.output_dir}/{mode}_{seed}",
+                f"distill.teacher={args.teacher}",
+                *args.overrides,
+            ]
+            cfg = load_config(config, overrides)
+            make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if mode == "distilled" else None
+            result, _ = run_training(cfg, device="cpu" if args.cpu else None, make_task=make_task, progress=False)
+            results[mode].append(result.last_map)
+            print(f"seed {seed} {mode:<9} mAP {100 * result.last_map:.2f}", flush=True)
+    print(
+        f"student {cfg.model.name} x{cfg.model.width_mult}, {cfg.optim.max_iters} iterations, teacher {args.teacher}; "
+        f"{(time.perf_counter() - start) / 60:.1f} min"
+    )
+    for mode, maps in results.items():
+        values = [100 * m for m in maps]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(
+            f"{mode:<10} mAP {statistics.mean(values):.2f} +- {spread:.2f}  ({', '.join(f'{v:.2f}' for v in values)})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -330,6 +365,13 @@ def main() -> None:
     demo.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
     demo.add_argument("overrides", nargs="*", help="more config overrides, section.key=value")
     demo.set_defaults(run=bench_demo)
+    kd = sub.add_parser("kd", help="student alone vs distilled (configs/demo_distill_synthetic.yaml), several seeds")
+    kd.add_argument("--teacher", default="runs/demo_teacher/best.pt")
+    kd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    kd.add_argument("--output-dir", default="runs/benchmark_kd")
+    kd.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
+    kd.add_argument("overrides", nargs="*", help="more config overrides for both runs, section.key=value")
+    kd.set_defaults(run=bench_kd)
     args = parser.parse_args()
     args.run(args)
 

@@ -1,0 +1,64 @@
+"""Distil a teacher SSD into a student (Chen et al. 2017 object distillation).
+
+    python scripts/train_teacher.py && python scripts/distill.py   # CPU demo: synthetic data, demo teacher
+    python scripts/distill.py --config configs/distill_vgg16_lite300_to_mbv2.yaml \\
+        --teacher runs/vgg16_lite300_voc0712/best.pt
+    torchrun --nproc_per_node=8 scripts/distill.py --config configs/distill_vgg16_ssd300_to_mbv2.yaml \\
+        --teacher ssd300_mAP_77.43_v2.pth distill.teacher_source=ssd.pytorch
+
+Same trainer as train_teacher.py (AMP, DDP, --resume, evaluation, logs). The exported student
+(best.pt, model_final.pt) holds the student only; training checkpoints also hold the adaptation layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from odkd.config import load_config
+from odkd.data import DatasetError
+from odkd.engine import TrainingError
+from odkd.engine.build import run_training
+from odkd.engine.distill_task import build_distillation_task
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the CPU demo)")
+    parser.add_argument("--teacher", help="teacher weights (overrides distill.teacher)")
+    parser.add_argument("--resume", help="a training checkpoint, or 'auto' for the latest in train.output_dir")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    args = parser.parse_args()
+    overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
+    try:
+        cfg = load_config(args.config, overrides)
+        if cfg.distill.teacher and not Path(cfg.distill.teacher).is_file():
+            hint = " (train it first: python scripts/train_teacher.py)" if args.config == DEFAULT_CONFIG else ""
+            raise FileNotFoundError(f"teacher {cfg.distill.teacher} does not exist{hint}")
+        result, info = run_training(cfg, args.resume, args.device, lambda model: build_distillation_task(cfg, model))
+    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        sys.exit(f"error: {err}")
+    if info.is_main:
+        print(
+            f"\nstudent {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher}: "
+            f"{result.iteration} iterations"
+        )
+        if result.last_map is not None:
+            print(
+                f"{cfg.eval.metric} mAP on {cfg.data.test_sets}: last {result.last_map:.4f}, best {result.best_map:.4f}"
+            )
+        for label, path in (
+            ("best student", result.best_model),
+            ("final student", result.final_model),
+            ("checkpoint (resume)", result.checkpoint),
+        ):
+            if path is not None:
+                print(f"{label}: {path}")
+
+
+if __name__ == "__main__":
+    main()
