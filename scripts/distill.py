@@ -19,7 +19,7 @@ from pathlib import Path
 from odkd.config import load_config
 from odkd.data import DatasetError
 from odkd.engine import TrainingError
-from odkd.engine.build import run_training
+from odkd.engine.build import run_training, summary
 from odkd.engine.distill_task import build_distillation_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
@@ -44,20 +44,10 @@ def main() -> None:
         sys.exit(f"error: {err}")
     if info.is_main:
         print(
-            f"\nstudent {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher}: "
-            f"{result.iteration} iterations"
-        )
-        if result.last_map is not None:
-            print(
-                f"{cfg.eval.metric} mAP on {cfg.data.test_sets}: last {result.last_map:.4f}, best {result.best_map:.4f}"
+            summary(
+                cfg, result, f"student {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher}"
             )
-        for label, path in (
-            ("best student", result.best_model),
-            ("final student", result.final_model),
-            ("checkpoint (resume)", result.checkpoint),
-        ):
-            if path is not None:
-                print(f"{label}: {path}")
+        )
 
 
 if __name__ == "__main__":

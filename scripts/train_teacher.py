@@ -17,7 +17,7 @@ from pathlib import Path
 from odkd.config import load_config
 from odkd.data import DatasetError
 from odkd.engine import TrainingError
-from odkd.engine.build import run_training
+from odkd.engine.build import run_training, summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_teacher_synthetic.yaml"
 
@@ -35,18 +35,7 @@ def main() -> None:
     except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         sys.exit(f"error: {err}")
     if info.is_main:
-        print(f"\n{cfg.model.name}: {result.iteration} iterations on {cfg.data.voc_root} {cfg.data.train_sets}")
-        if result.last_map is not None:
-            print(
-                f"{cfg.eval.metric} mAP on {cfg.data.test_sets}: last {result.last_map:.4f}, best {result.best_map:.4f}"
-            )
-        for label, path in (
-            ("best model", result.best_model),
-            ("final model", result.final_model),
-            ("checkpoint (resume)", result.checkpoint),
-        ):
-            if path is not None:
-                print(f"{label}: {path}")
+        print(summary(cfg, result, cfg.model.name))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
 from odkd.models import SSD, build_model
 
-__all__ = ["build_datasets", "build_detector", "run_training", "setup_logging"]
+__all__ = ["build_datasets", "build_detector", "run_training", "setup_logging", "summary"]
 
 log = logging.getLogger("odkd")
 
@@ -83,3 +83,20 @@ def run_training(
     trainer = Trainer(cfg, task, train_set, test_set, info, progress=progress)
     checkpoint = latest_checkpoint(cfg.train.output_dir) if resume == "auto" else resume
     return trainer.fit(checkpoint), info
+
+
+def summary(cfg: Config, result: TrainResult, headline: str) -> str:
+    """What a training script prints at the end: the mAP and where the files are."""
+    lines = [f"\n{headline}: {result.iteration} iterations on {cfg.data.voc_root} {cfg.data.train_sets}"]
+    if result.last_map is not None:
+        lines.append(
+            f"{cfg.eval.metric} mAP on {cfg.data.test_sets}: last {result.last_map:.4f}, best {result.best_map:.4f}"
+        )
+    for label, path in (
+        ("best model", result.best_model),
+        ("final model", result.final_model),
+        ("checkpoint (resume)", result.checkpoint),
+    ):
+        if path is not None:
+            lines.append(f"{label}: {path}")
+    return "\n".join(lines)
