@@ -71,6 +71,12 @@ class ObjectDistillationLoss(nn.Module):
         self.adapters = nn.ModuleList(
             nn.Conv2d(s, t, 1) for s, t in zip(student_channels, teacher_channels, strict=True)
         )
+        for adapter in self.adapters:
+            if adapter.in_channels == adapter.out_channels:
+                # Same layout and classes: start as the identity, so the hint starts as plain logit
+                # matching instead of matching a random projection of the student's maps.
+                nn.init.eye_(adapter.weight.view(adapter.out_channels, adapter.in_channels))
+                nn.init.zeros_(adapter.bias)
         self.neg_pos_ratio, self.temperature = neg_pos_ratio, temperature
         self.w_background, self.w_object = w_background, w_object
         if (mu_end is None) != (mu_ramp_iters <= 0):
