@@ -124,3 +124,16 @@ def test_mu_schedule_and_iteration_state():
         loss_fn(mu_end=0.5)
     with pytest.raises(ValueError, match="levels one to one"):
         ObjectDistillationLoss([4, 6], [8])
+
+
+def test_adapters_start_as_identity_when_channels_match():
+    criterion = ObjectDistillationLoss([6, 4], [6, 8], gamma=1.0)
+    v = torch.randn(1, 6, 5, 5)
+    torch.testing.assert_close(criterion.adapters[0](v), v)  # 6 -> 6: identity, so the hint is logit matching
+    z = torch.randn(1, 6, 5, 5)
+    zeros, labels, conf = torch.zeros(1, 2, 4), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, 3)
+    for adapter in criterion.adapters[1:]:
+        torch.nn.init.zeros_(adapter.weight)
+        torch.nn.init.zeros_(adapter.bias)
+    out = criterion(zeros, conf, [v, torch.zeros(1, 4, 2, 2)], zeros, conf, [z, torch.zeros(1, 8, 2, 2)], zeros, labels)
+    assert out["hint"].item() == pytest.approx(((v - z) ** 2).mean().item(), rel=1e-5)
