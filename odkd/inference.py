@@ -42,8 +42,6 @@ def detect(
         model.to(memory_format=torch.channels_last)
     for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, leave=False):
         images = model.preprocessing.normalize(batch["images"].to(device, non_blocking=True))
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images)
             detections = postprocess(out.loc, out.conf, model.priors, **postprocess_kwargs)

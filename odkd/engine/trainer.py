@@ -79,11 +79,10 @@ class Trainer:
         self.progress = progress and self.info.is_main
         self.out = Path(cfg.train.output_dir)
         self.amp_dtype = autocast_dtype(self.device) if cfg.train.amp else None
-        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        if self.channels_last:
-            self.task.to(memory_format=torch.channels_last)
+        if cfg.train.channels_last and self.device.type == "cuda":
+            self.task.to(memory_format=torch.channels_last)  # conv outputs follow the weights' format
 
         self.params = [p for p in self.task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim, scaled_lr(cfg, self.info.world_size))
