@@ -1,10 +1,11 @@
 """Run configuration: YAML files validated into typed dataclasses.
 
-A config file holds any subset of the sections below; every key is checked against the dataclass
-fields (unknown keys and wrong types are errors that name the dotted key), and command-line overrides
-``key.sub=value`` (values parsed as YAML) apply on top::
+A config file holds any subset of the sections below, optionally on top of another file it names as
+``base: other.yaml`` (relative to itself; sections merge key by key). Every key is checked against the
+dataclass fields (unknown keys and wrong types are errors that name the dotted key), and command-line
+overrides ``key.sub=value`` (values parsed as YAML) apply on top::
 
-    cfg = load_config("configs/demo_mbv2_synthetic.yaml", ["optim.max_iters=200", "data.batch_size=8"])
+    cfg = load_config("configs/demo_teacher_synthetic.yaml", ["optim.max_iters=200", "data.batch_size=8"])
     save_config(cfg, "runs/x/config.yaml")   # the resolved config goes with every run
 
 Learning-rate scaling rule: the recipes give ``optim.lr`` for ``optim.reference_batch_size`` images per
@@ -27,7 +28,7 @@ import yaml
 from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.voc import VOC_CLASSES
 
-__all__ = ["Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
+__all__ = ["DISTILL_METHODS", "Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
 
 CLASS_LISTS = {"voc": VOC_CLASSES, "synthetic": SYNTHETIC_CLASSES}
 
@@ -43,6 +44,7 @@ class ModelConfig:
     pretrained_backbone: str | None = None  # "imagenet", a path to torchvision weights, or none
     init_checkpoint: str | None = None  # start from these weights (odkd model/training file)
     init_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of init_checkpoint
+    dfl_bins: int = 0  # > 0: distribution (DFL) box head, this many bin intervals per edge (GFL: 16); for ld
 
 
 @dataclass
@@ -63,6 +65,7 @@ class DataConfig:
 class LossConfig:
     neg_pos_ratio: float = 3.0
     iou_threshold: float = 0.5
+    dfl_weight: float = 0.25  # distribution focal loss weight (distribution box heads only; GFL's 0.25)
 
 
 @dataclass
@@ -106,12 +109,9 @@ class EvalConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Chen et al. 2017 object distillation (scripts/distill.py); see odkd.losses.ObjectDistillationLoss."""
+class Chen2017Config:
+    """Chen et al. 2017 object distillation; see odkd.distill.ObjectDistillationLoss."""
 
-    teacher: str | None = None  # teacher weights (distill.py --teacher overrides)
-    teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
-    prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
     temperature: float = 1.0
     w_background: float = 1.5
     w_object: float = 1.0
@@ -122,6 +122,69 @@ class DistillConfig:
     margin: float = 0.0
     lam: float = 1.0  # regression weight
     gamma: float = 0.5  # hint weight
+
+
+@dataclass
+class HintonConfig:
+    """Hinton KD on the class logits; see odkd.distill.HintonKD."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha for the hard CE
+
+
+@dataclass
+class LDConfig:
+    """Localization distillation (distribution box heads); see odkd.distill.LocalizationDistillation."""
+
+    temperature: float = 10.0
+    weight: float = 0.25  # main region (positives)
+    vlr_weight: float = 0.25  # valuable localization region
+    vlr_threshold: float = 0.25  # DIoU with a GT box from which a background prior is in the VLR
+
+
+@dataclass
+class FGDConfig:
+    """Focal and global feature distillation; see odkd.distill.FGD (official RetinaNet settings)."""
+
+    temperature: float = 0.5
+    alpha: float = 1e-3  # foreground
+    beta: float = 5e-4  # background
+    gamma: float = 5e-4  # attention
+    lam: float = 5e-6  # global
+    levels: list[int] | None = None  # feature levels to distil (default all)
+
+
+@dataclass
+class CrossKDConfig:
+    """Cross-head distillation; see odkd.distill.CrossKD."""
+
+    temperature: float = 1.0
+    cls_weight: float = 1.0
+    reg_weight: float = 1.0  # GIoU (plain heads) or distribution KL (DFL heads)
+
+
+@dataclass
+class DistillConfig:
+    """The teacher and the distillation methods of scripts/distill.py; ``methods`` picks any of the
+    sections below (their settings are ignored unless named there)."""
+
+    teacher: str | None = None  # teacher weights (distill.py --teacher overrides)
+    teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
+    prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
+    methods: list[str] = field(default_factory=lambda: ["chen2017"])  # e.g. [chen2017, fgd]
+    chen2017: Chen2017Config = field(default_factory=Chen2017Config)
+    hinton: HintonConfig = field(default_factory=HintonConfig)
+    ld: LDConfig = field(default_factory=LDConfig)
+    fgd: FGDConfig = field(default_factory=FGDConfig)
+    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
+
+    def method_settings(self) -> dict[str, dict[str, Any]]:
+        """``{method: its settings}`` for the chosen methods, in order."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.methods}
+
+
+# The method sections of DistillConfig (the names of odkd.distill.DISTILLERS).
+DISTILL_METHODS = ("chen2017", "hinton", "ld", "fgd", "crosskd")
 
 
 @dataclass
@@ -211,21 +274,43 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The settings of the YAML file at ``path``, on top of its ``base:`` file (a path relative to it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base files form a cycle: {' -> '.join(map(str, (*seen, path.resolve())))}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+    return _merge(_read_tree(path.parent / base, (*seen, path.resolve())), tree)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """``update`` on top of ``base``, section by section (values and lists are replaced whole)."""
+    merged = dict(base)
+    for key, value in update.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- the YAML file at ``path`` <- ``overrides`` (``"a.b=value"``), validated."""
+    """Defaults <- the YAML file at ``path`` (on top of its ``base:`` file, if it names one) <- ``overrides``
+    (``"a.b=value"``), validated."""
     tree: dict = {}
     source = "config"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections, got {type(tree).__name__}")
+        tree = _read_tree(Path(path))
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -254,6 +339,13 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append("data.batch_size, optim.max_iters and optim.lr must be positive")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
+    methods = cfg.distill.methods
+    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(DISTILL_METHODS):
+        problems.append(
+            f"distill.methods: a non-empty list of distinct names of {list(DISTILL_METHODS)}, got {methods}"
+        )
+    if cfg.model.dfl_bins < 0 or cfg.model.dfl_bins == 1:
+        problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

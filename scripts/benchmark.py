@@ -289,39 +289,67 @@ def bench_demo(args: argparse.Namespace) -> None:
     print(f"final mAP {100 * result.last_map:.2f}, best {100 * result.best_map:.2f}")
 
 
+KD_ARMS = ("alone", "chen2017", "hinton", "fgd", "crosskd", "chen2017+fgd", "crosskd+fgd", "alone_dfl", "ld")
+
+
+def _uses_dfl(arm: str) -> bool:
+    """Arms with a distribution box head: the DFL baseline and every arm with LD."""
+    return arm == "alone_dfl" or "ld" in arm.split("+")
+
+
+def _arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
+    """Config overrides of one benchmark arm: "alone" / "alone_dfl" (no teacher) or methods joined by "+".
+    DFL arms use model.dfl_bins=16 and --dfl-teacher."""
+    overrides = [f"distill.teacher={args.dfl_teacher if _uses_dfl(arm) else args.teacher}"]
+    if _uses_dfl(arm):
+        overrides.append("model.dfl_bins=16")
+    if not arm.startswith("alone"):
+        overrides.append(f"distill.methods=[{', '.join(arm.split('+'))}]")
+    return overrides
+
+
 def bench_kd(args: argparse.Namespace) -> None:
     from odkd.config import load_config
     from odkd.engine.build import run_training
     from odkd.engine.distill_task import build_distillation_task
 
     config = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
-    if not Path(args.teacher).is_file():
-        raise SystemExit(f"teacher {args.teacher} does not exist: run python scripts/train_teacher.py first")
-    results: dict[str, list[float]] = {"alone": [], "distilled": []}
+    for arm in args.arms:
+        teacher = args.dfl_teacher if _uses_dfl(arm) else args.teacher
+        if not arm.startswith("alone") and not Path(teacher).is_file():
+            raise SystemExit(
+                f"teacher {teacher} of arm {arm} does not exist: run python scripts/benchmark.py demo --iters 300 "
+                "(and with --output-dir runs/benchmark_demo_dfl model.dfl_bins=16 for the ld arms) first"
+            )
+    results: dict[str, list[float]] = {arm: [] for arm in args.arms}
     start = time.perf_counter()
     for seed in args.seeds:
-        for mode in results:
+        for arm in args.arms:
             overrides = [
                 f"train.seed={seed}",
-                f"train.output_dir={args.output_dir}/{mode}_{seed}",
-                f"distill.teacher={args.teacher}",
+                f"train.output_dir={args.output_dir}/{arm}_{seed}",
+                *_arm_overrides(arm, args),
                 *args.overrides,
             ]
             cfg = load_config(config, overrides)
-            make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if mode == "distilled" else None
+            distil = not arm.startswith("alone")
+            make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if distil else None
             result, _ = run_training(cfg, device="cpu" if args.cpu else None, make_task=make_task, progress=False)
-            results[mode].append(result.last_map)
-            print(f"seed {seed} {mode:<9} mAP {100 * result.last_map:.2f}", flush=True)
+            results[arm].append(100 * result.last_map)
+            print(f"seed {seed} {arm:<14} mAP {100 * result.last_map:.2f}", flush=True)
     print(
-        f"student {cfg.model.name} x{cfg.model.width_mult}, {cfg.optim.max_iters} iterations, teacher {args.teacher}; "
-        f"{(time.perf_counter() - start) / 60:.1f} min"
+        f"student {cfg.model.name} x{cfg.model.width_mult}, {cfg.optim.max_iters} iterations, teachers {args.teacher} "
+        f"(plain), {args.dfl_teacher} (DFL head); {(time.perf_counter() - start) / 60:.1f} min"
     )
-    for mode, maps in results.items():
-        values = [100 * m for m in maps]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(
-            f"{mode:<10} mAP {statistics.mean(values):.2f} +- {spread:.2f}  ({', '.join(f'{v:.2f}' for v in values)})"
-        )
+    print(f"{'arm':<14} {'mAP mean +- std':>16}  {'vs alone':>8}  seeds")
+    for arm, maps in results.items():
+        spread = statistics.stdev(maps) if len(maps) > 1 else 0.0
+        baseline = results.get("alone_dfl" if _uses_dfl(arm) else "alone")
+        delta = f"{statistics.mean(maps) - statistics.mean(baseline):+8.2f}" if baseline else f"{'':>8}"
+        values = ", ".join(f"{m:.2f}" for m in maps)
+        print(f"{arm:<14} {statistics.mean(maps):>7.2f} +- {spread:<5.2f}  {delta}  ({values})")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -365,8 +393,10 @@ def main() -> None:
     demo.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
     demo.add_argument("overrides", nargs="*", help="more config overrides, section.key=value")
     demo.set_defaults(run=bench_demo)
-    kd = sub.add_parser("kd", help="student alone vs distilled (configs/demo_distill_synthetic.yaml), several seeds")
-    kd.add_argument("--teacher", default="runs/demo_teacher/best.pt")
+    kd = sub.add_parser("kd", help="student alone vs every distillation method (demo_distill_synthetic.yaml), seeds")
+    kd.add_argument("--teacher", default="runs/benchmark_demo/best.pt", help="teacher of the plain-head arms")
+    kd.add_argument("--dfl-teacher", default="runs/benchmark_demo_dfl/best.pt", help="teacher of the DFL-head arms")
+    kd.add_argument("--arms", nargs="+", default=list(KD_ARMS), help="'alone', 'alone_dfl' or methods joined by +")
     kd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     kd.add_argument("--output-dir", default="runs/benchmark_kd")
     kd.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")

@@ -1,8 +1,9 @@
-"""Distil a teacher SSD into a student (Chen et al. 2017 object distillation).
+"""Distil a teacher SSD into a student: Chen et al. 2017, Hinton KD, LD, FGD, CrossKD, or several at once.
 
     python scripts/train_teacher.py && python scripts/distill.py   # CPU demo: synthetic data, demo teacher
     python scripts/distill.py --config configs/distill_vgg16_lite300_to_mbv2.yaml \\
         --teacher runs/vgg16_lite300_voc0712/best.pt
+    python scripts/distill.py --config configs/distill_vgg16_lite300_to_mbv2.yaml 'distill.methods=[chen2017, fgd]'
     torchrun --nproc_per_node=8 scripts/distill.py --config configs/distill_vgg16_ssd300_to_mbv2.yaml \\
         --teacher ssd300_mAP_77.43_v2.pth distill.teacher_source=ssd.pytorch
 
@@ -45,7 +46,10 @@ def main() -> None:
     if info.is_main:
         print(
             summary(
-                cfg, result, f"student {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher}"
+                cfg,
+                result,
+                f"student {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher} "
+                f"({' + '.join(cfg.distill.methods)})",
             )
         )
 

@@ -1,8 +1,11 @@
 """Config files: validation with clear errors, overrides, round trip, lr scaling."""
 
+import dataclasses
+
 import pytest
 
-from odkd.config import ConfigError, load_config, save_config, scaled_lr
+from odkd.config import DISTILL_METHODS, ConfigError, DistillConfig, load_config, save_config, scaled_lr
+from odkd.distill import DISTILLERS
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -38,6 +41,12 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("data.classes=coco", "data.classes: 'coco' is neither"),
         ("optim.milestones=[20, 10]", "optim.milestones must increase"),
         ("optim", "must look like section.key=value"),
+        ("distill.methods=[chen2017, kd]", r"distill.methods: a non-empty list of distinct names"),
+        ("distill.methods=[fgd, fgd]", r"distill.methods: a non-empty list of distinct names"),
+        ("distill.methods=[]", r"distill.methods: a non-empty list of distinct names"),
+        ("distill.mu=0.5", r"unknown key distill.mu; valid keys of distill: \[.*'chen2017'"),
+        ("distill.fgd.alpah=1", "unknown key distill.fgd.alpah"),
+        ("model.dfl_bins=1", "model.dfl_bins: 0"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
@@ -60,3 +69,43 @@ def test_linear_lr_scaling():
     cfg = load_config(None, ["optim.lr=0.001", "optim.reference_batch_size=32", "data.batch_size=64"])
     assert scaled_lr(cfg) == pytest.approx(0.002)  # 0.001 * 64 / 32
     assert scaled_lr(cfg, world_size=4) == pytest.approx(0.008)  # 0.001 * 64*4 / 32
+
+
+def test_base_files_merge_section_by_section(tmp_path):
+    (tmp_path / "common.yaml").write_text(
+        "model: {name: vgg16_lite300, width_mult: 1.0}\noptim: {lr: 0.002, milestones: [10, 20]}\n"
+        "distill: {methods: [chen2017], chen2017: {mu: 0.7, gamma: 0.1}}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "base: ../common.yaml\noptim: {lr: 0.01}\ndistill: {methods: [chen2017, fgd], chen2017: {mu: 0.9}}\n"
+    )
+    cfg = load_config(tmp_path / "sub" / "child.yaml", ["distill.fgd.alpha=0.5"])
+    assert cfg.model.name == "vgg16_lite300" and cfg.optim.milestones == [10, 20] and cfg.optim.lr == 0.01
+    assert cfg.distill.methods == ["chen2017", "fgd"]
+    assert (cfg.distill.chen2017.mu, cfg.distill.chen2017.gamma) == (0.9, 0.1)  # merged key by key
+    settings = cfg.distill.method_settings()
+    assert list(settings) == ["chen2017", "fgd"] and settings["fgd"]["alpha"] == 0.5
+
+
+def test_bad_base_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base must be the path"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_every_distillation_method_has_a_config_section():
+    sections = {f.name for f in dataclasses.fields(DistillConfig)} - {
+        "teacher",
+        "teacher_source",
+        "prior_mapping",
+        "methods",
+    }
+    assert set(DISTILL_METHODS) == set(DISTILLERS) == sections

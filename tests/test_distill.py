@@ -7,6 +7,7 @@ from odkd.boxes import decode, encode
 from odkd.checkpoint import load_model, save_model
 from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
+from odkd.engine import DetectionTask
 from odkd.engine.distill_task import build_distillation_task
 from odkd.matching import map_priors
 from odkd.models import build_model
@@ -35,39 +36,101 @@ def tiny_cfg(*extra):
     return load_config(None, ["model.width_mult=0.5", "data.classes=[a, b]", *extra])
 
 
-def test_same_layout_task_trains_the_student_and_adapters_only():
-    cfg = tiny_cfg()
+def tiny_batch():
+    images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.7], [0.0, 0.0, 0.0, 0.0]], [[0.3, 0.2, 0.9, 0.5], [0.05, 0.5, 0.3, 0.95]]])
+    labels = torch.tensor([[1, -1], [2, 1]])
+    return images, boxes, labels
+
+
+def models(teacher="mobilenetv2_ssdlite300", dfl_bins=0):
     torch.manual_seed(0)
-    student = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5)
-    teacher = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.75)
+    student = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5, dfl_bins=dfl_bins)
+    width = {"width_mult": 0.75} if teacher.startswith("mobilenet") else {}
+    return student, build_model(teacher, num_classes=3, dfl_bins=dfl_bins, **width)
+
+
+def test_methods_combine_and_scale_the_detection_loss():
+    student, teacher = models()
+    images, boxes, labels = tiny_batch()
+    detection = DetectionTask(student).train()(images, boxes, labels)
+    cfg = tiny_cfg("distill.methods=[chen2017, fgd, hinton]", "distill.chen2017.mu=0.8", "distill.hinton.alpha=0.25")
     task = build_distillation_task(cfg, student, teacher).train()
     assert task.teacher_index is None and not task.teacher.training
-    images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8)
-    boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.7]], [[0.3, 0.2, 0.9, 0.5]]])
-    labels = torch.tensor([[1], [2]])
     losses = task(images, boxes, labels)
-    assert set(losses) == {"hard_cls", "soft_cls", "loc", "bound", "hint"}
+    chen, fgd, hinton = (
+        ("chen2017/soft_cls", "chen2017/bound", "chen2017/hint"),
+        ("fgd/focal", "fgd/attention", "fgd/global"),
+        ("hinton/kd",),
+    )
+    assert list(losses) == ["loc", "conf", *chen, *fgd, *hinton]
+    # Same student, same batch: the detection terms are the plain task's, times every method's factor.
+    torch.testing.assert_close(losses["conf"], detection["conf"] * 0.8 * 0.75)
+    torch.testing.assert_close(losses["loc"], detection["loc"] * 1.0)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is None for p in task.teacher.parameters())
-    assert task.criterion.adapters[0].weight.grad is not None
+    assert task.distillers["chen2017"].adapters[0].weight.grad is not None
+    assert task.distillers["fgd"].adapters[0].weight.grad is not None
     assert student.conf_heads[0].predictor.weight.grad.abs().sum() > 0
 
 
+def test_task_counts_iterations_for_schedules_and_saves_them():
+    student, teacher = models()
+    cfg = tiny_cfg("distill.chen2017.mu_end=0.5", "distill.chen2017.mu_ramp_iters=4")
+    task = build_distillation_task(cfg, student, teacher).train()
+    images, boxes, labels = tiny_batch()
+    for _ in range(2):
+        task(images, boxes, labels)
+    assert task.iteration == 2
+    task.eval()(images, boxes, labels)  # evaluation does not advance the schedule
+    assert task.iteration == 2
+    restored = build_distillation_task(cfg, *models())
+    restored.load_state_dict(task.state_dict())
+    assert restored.iteration == 2
+    detection = DetectionTask(restored.model).train()(images, boxes, labels)
+    torch.testing.assert_close(restored.train()(images, boxes, labels)["conf"], detection["conf"] * 0.65)
+
+
 def test_other_layouts_need_prior_mapping():
-    student = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5)
-    teacher = build_model("vgg16_ssd300", num_classes=3)
+    student, teacher = models("vgg16_ssd300")
     with pytest.raises(ValueError) as err:
         build_distillation_task(tiny_cfg(), student, teacher)
     message = str(err.value)
     assert "8732 priors" in message and "vgg16_lite300" in message and "prior_mapping=iou" in message
     task = build_distillation_task(tiny_cfg("distill.prior_mapping=iou"), student, teacher)
     assert task.teacher_index.shape == (3000,)
-    loc, conf, maps = task.teacher_outputs(torch.randint(0, 255, (1, 3, 300, 300), dtype=torch.uint8))
-    assert loc.shape == (1, 3000, 4) and conf.shape == (1, 3000, 3) and maps[0].shape == (1, 4 * 3, 38, 38)
     images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8)  # BN needs 2 images at the 1x1 level
+    with torch.no_grad():
+        teacher_out = task.teacher(task.teacher.preprocessing.normalize(images))
+    loc, conf = task.paired_teacher_outputs(teacher_out.loc, teacher_out.conf)
+    assert (
+        loc.shape == (2, 3000, 4) and conf.shape == (2, 3000, 3) and teacher_out.conf_maps[0].shape == (2, 12, 38, 38)
+    )
     losses = task(images, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long))
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_feature_methods_pair_any_layout_and_prior_relative_ones_none():
+    student, teacher = models("vgg16_ssd300")
+    task = build_distillation_task(tiny_cfg("distill.methods=[fgd]"), student, teacher)  # no mapping needed
+    losses = task(*tiny_batch())  # the 38x38 first teacher map is resized to the student's 19x19
+    assert {"fgd/focal", "fgd/attention", "fgd/global"} <= set(losses)
+    with pytest.raises(ValueError, match="crosskd needs the same priors"):
+        build_distillation_task(tiny_cfg("distill.methods=[crosskd]", "distill.prior_mapping=iou"), student, teacher)
+    student, teacher = models("vgg16_ssd300", dfl_bins=4)
+    with pytest.raises(ValueError, match="ld needs the same priors"):
+        build_distillation_task(tiny_cfg("distill.methods=[ld]", "distill.prior_mapping=iou"), student, teacher)
+
+
+@pytest.mark.parametrize("methods", ["[ld]", "[crosskd]", "[ld, chen2017]"])
+def test_distribution_heads_train_with_ld_and_crosskd(methods):
+    student, teacher = models("vgg16_lite300", dfl_bins=4)
+    task = build_distillation_task(tiny_cfg(f"distill.methods={methods}"), student, teacher).train()
+    losses = task(*tiny_batch())
+    assert "dfl" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
 
 
 def test_distill_script_exports_the_student_only(tmp_path, run_script):
@@ -86,7 +149,7 @@ def test_distill_script_exports_the_student_only(tmp_path, run_script):
     exported = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
     assert not any("adapters" in k or k.startswith("teacher") for k in exported)
     training = torch.load(tmp_path / "run" / "checkpoint_0000002.pt", weights_only=True)["task"]
-    assert "criterion.adapters.0.weight" in training and any(k.startswith("teacher.") for k in training)
+    assert "distillers.chen2017.adapters.0.weight" in training and any(k.startswith("teacher.") for k in training)
     assert load_model(tmp_path / "run" / "checkpoint_0000002.pt").spec == student.spec
 
     missing = run_script("distill.py", "--teacher", tmp_path / "nowhere.pt", f"data.voc_root={tmp_path / 'voc'}")

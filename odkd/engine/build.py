@@ -35,7 +35,9 @@ def setup_logging(info: DistInfo) -> None:
 
 def build_detector(cfg: Config) -> SSD:
     """The model of ``cfg.model``, initialised from ImageNet and/or a checkpoint as configured."""
-    model = build_model(cfg.model.name, cfg.num_classes, cfg.model.pretrained_backbone, cfg.model.width_mult)
+    model = build_model(
+        cfg.model.name, cfg.num_classes, cfg.model.pretrained_backbone, cfg.model.width_mult, cfg.model.dfl_bins
+    )
     if cfg.model.init_checkpoint:
         copied, left = init_from_checkpoint(model, cfg.model.init_checkpoint, cfg.model.init_source)
         log.info("initialised %d tensors from %s (%d left as they were)", copied, cfg.model.init_checkpoint, left)
@@ -79,7 +81,11 @@ def run_training(
     torch.manual_seed(cfg.train.seed)  # identical initial weights in every process
     model = build_detector(cfg)
     train_set, test_set = build_datasets(cfg, model, info)
-    task = make_task(model) if make_task else DetectionTask(model, cfg.loss.neg_pos_ratio, cfg.loss.iou_threshold)
+    task = (
+        make_task(model)
+        if make_task
+        else DetectionTask(model, cfg.loss.neg_pos_ratio, cfg.loss.iou_threshold, cfg.loss.dfl_weight)
+    )
     trainer = Trainer(cfg, task, train_set, test_set, info, progress=progress)
     checkpoint = latest_checkpoint(cfg.train.output_dir) if resume == "auto" else resume
     return trainer.fit(checkpoint), info

@@ -1,12 +1,19 @@
 """The distillation task: a frozen teacher and a student seeing the same augmented batch.
 
+One step: student forward, teacher forward (no gradient), matching and the detection loss once, then
+every configured distiller (:mod:`odkd.distill`) reads the same :class:`~odkd.distill.DistillBatch`.
+Loss terms are named ``<term>`` for the detection loss (each scaled by the distillers'
+``detection_weights``) and ``<method>/<term>`` for the distillers.
+
 Outputs are paired prior for prior. Identical prior layouts pair directly; a teacher of another
-layout (the 8732-prior VGG16-SSD300 for the 3000-prior student) is re-mapped with
-``prior_mapping="iou"``: each student prior takes the teacher prior of highest IoU, whose logits are
-used as they are and whose decoded box is re-encoded against the student prior.
+layout (the 8732-prior VGG16-SSD300 for the 3000-prior student) is re-mapped for the output-level
+methods with ``prior_mapping="iou"``: each student prior takes the teacher prior of highest IoU, whose
+logits are used as they are and whose decoded box is re-encoded against the student prior.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -14,8 +21,17 @@ from torch import nn
 from odkd.boxes import decode, encode
 from odkd.checkpoint import load_model
 from odkd.config import Config
-from odkd.losses import ObjectDistillationLoss
-from odkd.matching import map_priors, match
+from odkd.distill import (
+    BOX_DISTRIBUTIONS,
+    BOXES,
+    HEAD_INTERMEDIATES,
+    LOGITS,
+    DistillBatch,
+    Distiller,
+    build_distillers,
+)
+from odkd.engine.task import DetectionTask
+from odkd.matching import map_priors, valid_gt_mask
 from odkd.models import SSD
 
 __all__ = ["DistillationTask", "build_distillation_task", "load_teacher"]
@@ -33,62 +49,104 @@ def load_teacher(path: str, source: str = "odkd") -> SSD:
     return teacher
 
 
-class DistillationTask(nn.Module):
-    """``forward(images uint8, boxes, labels)`` -> the terms of :class:`ObjectDistillationLoss`.
+class DistillationTask(DetectionTask):
+    """``forward(images uint8, boxes, labels)`` -> the detection terms and every distiller's terms.
 
     ``model`` is the student (evaluated and exported); ``teacher`` stays frozen in eval mode; the
-    loss (with its hint adapters) is trained with the student and saved in training checkpoints only.
+    distillers (with their adaptation layers) train with the student and are saved in training
+    checkpoints only. The task counts training iterations (saved with it) for schedules such as mu's.
     """
 
     def __init__(
         self,
         student: SSD,
         teacher: SSD,
-        criterion: ObjectDistillationLoss,
+        distillers: Mapping[str, Distiller],
+        neg_pos_ratio: float = 3.0,
         iou_threshold: float = 0.5,
         prior_mapping: str = "none",
+        dfl_weight: float = 0.25,
     ) -> None:
-        super().__init__()
+        super().__init__(student, neg_pos_ratio, iou_threshold, dfl_weight)
         if student.num_classes != teacher.num_classes:
             raise ValueError(f"the teacher has {teacher.num_classes} classes, the student {student.num_classes}")
-        same_layout = student.priors.shape == teacher.priors.shape and torch.allclose(student.priors, teacher.priors)
-        if not same_layout and prior_mapping != "iou":
-            raise ValueError(
-                f"the teacher ({teacher.arch}, {teacher.priors.shape[0]} priors) and the student ({student.arch}, "
-                f"{student.priors.shape[0]} priors) have different prior layouts, so their outputs cannot be paired. "
-                "Either distil from a teacher with the student's layout (vgg16_lite300 for the lite300 students), "
-                "or set distill.prior_mapping=iou to re-map each student prior to the teacher prior of highest IoU."
-            )
-        self.model = student
         self.teacher = teacher.eval().requires_grad_(False)
-        self.criterion = criterion
-        self.iou_threshold = iou_threshold
-        index = None if same_layout else map_priors(student.priors, teacher.priors)
+        self.distillers = nn.ModuleDict(distillers)
+        same_layout = student.priors.shape == teacher.priors.shape and torch.allclose(student.priors, teacher.priors)
+        index = None
+        if not same_layout:
+            self._check_pairing(student, teacher, prior_mapping)
+            index = map_priors(student.priors, teacher.priors)
         self.register_buffer("teacher_index", index, persistent=False)
+        self.iteration = 0  # training forwards so far; saved with the state dict (extra state)
+
+    def _check_pairing(self, student: SSD, teacher: SSD, prior_mapping: str) -> None:
+        """Teacher and student of different prior layouts: which methods can still be paired, and how."""
+        layouts = (
+            f"the teacher ({teacher.arch}, {teacher.priors.shape[0]} priors) and the student ({student.arch}, "
+            f"{student.priors.shape[0]} priors) have different prior layouts"
+        )
+        for name, distiller in self.distillers.items():
+            if distiller.needs & {BOX_DISTRIBUTIONS, HEAD_INTERMEDIATES}:
+                raise ValueError(
+                    f"{layouts}, and {name} needs the same priors on both (it compares predictions relative to "
+                    "each prior): distil from a teacher with the student's layout (vgg16_lite300 for the lite300 "
+                    "students)"
+                )
+            if distiller.needs & {LOGITS, BOXES} and prior_mapping != "iou":
+                raise ValueError(
+                    f"{layouts}, so their outputs cannot be paired for {name}. Either distil from a teacher with "
+                    "the student's layout (vgg16_lite300 for the lite300 students), or set "
+                    "distill.prior_mapping=iou to re-map each student prior to the teacher prior of highest IoU."
+                )
+
+    def get_extra_state(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.iteration = state["iteration"]
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
         self.teacher.eval()  # frozen BN statistics, whatever the task's mode
         return self
 
-    def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Teacher loc and conf on the student's priors, and its conf-head maps (no gradient)."""
-        with torch.no_grad():
-            out = self.teacher(self.teacher.preprocessing.normalize(images))
-            loc, conf = out.loc, out.conf
-            if self.teacher_index is not None:
-                index = self.teacher_index
-                boxes = decode(loc[:, index].float(), self.teacher.priors[index])
-                loc, conf = encode(boxes, self.model.priors), conf[:, index]
-        return loc, conf, out.conf_maps
+    def paired_teacher_outputs(self, loc: torch.Tensor, conf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's ``loc`` (B, Q, 4) and ``conf`` (B, Q, C) on the student's P priors."""
+        if self.teacher_index is None:
+            return loc, conf
+        index = self.teacher_index
+        boxes = decode(loc[:, index].float(), self.teacher.priors[index])
+        return encode(boxes, self.model.priors), conf[:, index]
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(self.model.preprocessing.normalize(images))
-        teacher_loc, teacher_conf, teacher_maps = self.teacher_outputs(images)
-        loc_targets, conf_targets = match(boxes, labels, self.model.priors, self.iou_threshold)
-        return self.criterion(
-            out.loc, out.conf, out.conf_maps, teacher_loc, teacher_conf, teacher_maps, loc_targets, conf_targets
+        with torch.no_grad():
+            teacher_out = self.teacher(self.teacher.preprocessing.normalize(images))
+            teacher_loc, teacher_conf = self.paired_teacher_outputs(teacher_out.loc, teacher_out.conf)
+        losses, targets = self.detection_losses(out, boxes, labels)
+        batch = DistillBatch(
+            student=out,
+            teacher=teacher_out,
+            teacher_model=self.teacher,
+            teacher_loc=teacher_loc,
+            teacher_conf=teacher_conf,
+            loc_targets=targets.loc,
+            labels=targets.labels,
+            sampled=targets.sampled,
+            gt_boxes=boxes,
+            gt_valid=valid_gt_mask(boxes, labels),
+            priors=self.model.priors,
+            iteration=self.iteration,
         )
+        for name, distiller in self.distillers.items():
+            for term, factor in distiller.detection_weights(self.iteration).items():
+                if term in losses:
+                    losses[term] = losses[term] * factor
+            losses.update({f"{name}/{term}": value for term, value in distiller(batch).items()})
+        if self.training:
+            self.iteration += 1
+        return losses
 
 
 def build_distillation_task(cfg: Config, student: SSD, teacher: SSD | None = None) -> DistillationTask:
@@ -98,19 +156,13 @@ def build_distillation_task(cfg: Config, student: SSD, teacher: SSD | None = Non
         if not d.teacher:
             raise ValueError("no teacher: pass --teacher CKPT or set distill.teacher")
         teacher = load_teacher(d.teacher, d.teacher_source)
-    criterion = ObjectDistillationLoss(
-        [head.predictor.out_channels for head in student.conf_heads],
-        [head.predictor.out_channels for head in teacher.conf_heads],
+    distillers = build_distillers(d.method_settings(), student, teacher)
+    return DistillationTask(
+        student,
+        teacher,
+        distillers,
         cfg.loss.neg_pos_ratio,
-        d.temperature,
-        d.w_background,
-        d.w_object,
-        d.mu,
-        d.mu_end,
-        d.mu_ramp_iters,
-        d.nu,
-        d.margin,
-        d.lam,
-        d.gamma,
+        cfg.loss.iou_threshold,
+        d.prior_mapping,
+        cfg.loss.dfl_weight,
     )
-    return DistillationTask(student, teacher, criterion, cfg.loss.iou_threshold, d.prior_mapping)

@@ -48,6 +48,13 @@ class MultiBoxLoss(nn.Module):
         self, loc: torch.Tensor, conf: torch.Tensor, loc_targets: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``loc`` (B, P, 4), ``conf`` (B, P, C) raw logits, ``loc_targets`` (B, P, 4), ``labels`` (B, P)."""
+        return self.compute(loc, conf, loc_targets, labels)[0]
+
+    def compute(
+        self, loc: torch.Tensor, conf: torch.Tensor, loc_targets: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`forward`'s losses and the ``(B, P)`` bool mask of the priors the CE covers (positives +
+        mined negatives), which distillers reuse instead of mining again."""
         batch, num_priors = labels.shape
         if loc.shape != (batch, num_priors, 4) or loc_targets.shape != loc.shape:
             raise ValueError(
@@ -63,10 +70,10 @@ class MultiBoxLoss(nn.Module):
 
         log_z = torch.logsumexp(conf, dim=-1)
         cross_entropy = log_z - conf.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, P)
-        negative = hard_negative_mask(log_z - conf[..., 0], labels, self.neg_pos_ratio)
-        conf_loss = cross_entropy.where(positive | negative, 0.0).sum()
+        sampled = positive | hard_negative_mask(log_z - conf[..., 0], labels, self.neg_pos_ratio)
+        conf_loss = cross_entropy.where(sampled, 0.0).sum()
 
         smooth_l1 = F.smooth_l1_loss(loc.float(), loc_targets.float(), reduction="none").sum(dim=-1)
         loc_loss = smooth_l1.where(positive, 0.0).sum()
         # Masked sums instead of boolean indexing: no host sync, static shapes for CUDA graphs.
-        return {"loc": loc_loss / num_pos, "conf": conf_loss / num_pos}
+        return {"loc": loc_loss / num_pos, "conf": conf_loss / num_pos}, sampled

@@ -7,12 +7,14 @@ distillers need (source features, head intermediates, per-level head output maps
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from odkd.box_distribution import DEFAULT_MAX_EDGE, edges_to_loc, expected_edges
 from odkd.priors import PriorLayout, build_priors, get_layout
 
 __all__ = ["IMAGENET", "SSD", "PredictionHead", "Preprocessing", "SSDOutput", "plain_head", "separable_head"]
@@ -65,6 +67,8 @@ class SSDOutput(NamedTuple):
     conf_maps: list[torch.Tensor]  # per level (B, A_k*C, H_k, W_k): conf head outputs before flattening
     loc_intermediates: list[torch.Tensor]  # per level: input of the loc head's last conv (see PredictionHead)
     conf_intermediates: list[torch.Tensor]  # per level: input of the conf head's last conv
+    # (B, P, 4, n+1) bin logits of the edges (l, t, r, b) for a distribution (DFL) box head, else None
+    loc_dist: torch.Tensor | None = None
 
 
 class PredictionHead(nn.Module):
@@ -101,7 +105,7 @@ def separable_head(in_channels: int, out_channels: int) -> PredictionHead:
     return PredictionHead(depthwise, nn.Conv2d(in_channels, out_channels, 1))
 
 
-def _flatten(maps: list[torch.Tensor], last_dim: int) -> torch.Tensor:
+def _flatten(maps: Sequence[torch.Tensor], last_dim: int) -> torch.Tensor:
     """Per-level ``(B, A*last_dim, H, W)`` -> ``(B, sum H*W*A, last_dim)`` in prior order (cells row by
     row, then the A priors of a cell)."""
     batch = maps[0].shape[0]
@@ -119,6 +123,9 @@ class SSD(nn.Module):
         preprocessing: what the weights expect as input.
         spec: ``name`` (the registry name of the architecture) and any other :func:`odkd.models.build_model`
             arguments, so a checkpoint can rebuild the model; ``num_classes`` is added here.
+        dfl_bins: 0 for the usual box head (4 offsets per prior); ``n`` > 0 for a distribution (DFL) head
+            whose loc heads emit ``4 (n + 1)`` bin logits per prior (:mod:`odkd.box_distribution`);
+            ``loc`` is then their expectation, encoded as usual.
     """
 
     def __init__(
@@ -130,8 +137,11 @@ class SSD(nn.Module):
         layout: str | PriorLayout,
         preprocessing: Preprocessing,
         spec: dict | None = None,
+        dfl_bins: int = 0,
     ) -> None:
         super().__init__()
+        if dfl_bins < 0 or dfl_bins == 1:
+            raise ValueError(f"dfl_bins must be 0 (plain box head) or >= 2, got {dfl_bins}")
         self.backbone = backbone
         self.conf_heads = conf_heads
         self.loc_heads = loc_heads
@@ -139,6 +149,9 @@ class SSD(nn.Module):
         self.layout = get_layout(layout)
         self.preprocessing = preprocessing
         self.spec = {**(spec or {"name": "custom"}), "num_classes": num_classes}
+        if dfl_bins:  # plain heads keep the spec (and so the model files) they always had
+            self.spec["dfl_bins"] = dfl_bins
+        self.dfl_bins, self.dfl_max_edge = dfl_bins, DEFAULT_MAX_EDGE
         # Not persistent: priors are derived from the layout and need not travel in checkpoints.
         self.register_buffer("priors", build_priors(self.layout), persistent=False)
 
@@ -150,16 +163,33 @@ class SSD(nn.Module):
     def image_size(self) -> int:
         return self.layout.image_size
 
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels of the per-level source maps."""
+        return list(self.backbone.out_channels)
+
+    def predictions(
+        self, conf_maps: Sequence[torch.Tensor], loc_maps: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-level head output maps -> ``loc`` (B, P, 4), ``conf`` (B, P, C) and, for a distribution head,
+        the edge bin logits (B, P, 4, n + 1) (else None). CrossKD calls it on maps of its own making."""
+        conf = _flatten(conf_maps, self.num_classes)
+        if not self.dfl_bins:
+            return _flatten(loc_maps, 4), conf, None
+        loc_dist = _flatten(loc_maps, 4 * (self.dfl_bins + 1)).unflatten(-1, (4, self.dfl_bins + 1))
+        return edges_to_loc(expected_edges(loc_dist, self.dfl_max_edge)), conf, loc_dist
+
     def forward(self, images: torch.Tensor) -> SSDOutput:
         """``images``: ``(B, 3, S, S)`` normalised with :attr:`preprocessing`, ``S`` = :attr:`image_size`."""
         features = self.backbone(images)
         conf_mid, conf_maps = zip(*(head(f) for head, f in zip(self.conf_heads, features, strict=True)), strict=True)
         loc_mid, loc_maps = zip(*(head(f) for head, f in zip(self.loc_heads, features, strict=True)), strict=True)
-        conf = _flatten(conf_maps, self.num_classes)
-        loc = _flatten(loc_maps, 4)
+        loc, conf, loc_dist = self.predictions(conf_maps, loc_maps)
         if loc.shape[1] != self.priors.shape[0]:
             raise ValueError(
                 f"{self.arch}: input {tuple(images.shape[-2:])} gives {loc.shape[1]} predictions but "
                 f"the model has {self.priors.shape[0]} priors; feed {self.image_size}x{self.image_size} images"
             )
-        return SSDOutput(loc, conf, list(features), list(loc_maps), list(conf_maps), list(loc_mid), list(conf_mid))
+        return SSDOutput(
+            loc, conf, list(features), list(loc_maps), list(conf_maps), list(loc_mid), list(conf_mid), loc_dist
+        )

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
+from odkd.box_distribution import DEFAULT_MAX_EDGE
 from odkd.models.mobilenetv2 import MobileNetV2Backbone
 from odkd.models.pretrained import load_backbone_state
 from odkd.models.ssd import IMAGENET, SSD, PredictionHead, plain_head, separable_head
@@ -49,16 +51,32 @@ def _xavier_init(modules: Sequence[nn.Module]) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def _vgg_ssd(name: str, layout: str, lite: bool, num_classes: int, pretrained_backbone: Pretrained) -> SSD:
+def _init_edge_bias(loc_heads: nn.ModuleList, dfl_bins: int) -> None:
+    """Start a distribution head at the priors themselves (every edge at half the prior size, as a plain
+    head starts at loc = 0): Gaussian bin logits around 0.5 instead of a flat distribution (mean 1.0)."""
+    if not dfl_bins:
+        return
+    values = torch.linspace(0.0, DEFAULT_MAX_EDGE, dfl_bins + 1)
+    logits = -0.5 * ((values - 0.5) / 0.25) ** 2
+    for head in loc_heads:
+        bias = head.predictor.bias
+        with torch.no_grad():
+            bias.copy_(logits.repeat(bias.numel() // len(logits)))
+
+
+def _vgg_ssd(
+    name: str, layout: str, lite: bool, num_classes: int, pretrained_backbone: Pretrained, dfl_bins: int
+) -> SSD:
     backbone = VGGBackbone(LITE_EXTRAS if lite else SSD300_EXTRAS, use_conv4_3=not lite)
     anchors = LAYOUTS[layout].boxes_per_location
     if lite:
         conf_heads = _lite_heads(backbone.out_channels, anchors, num_classes)
-        loc_heads = _lite_heads(backbone.out_channels, anchors, 4)
+        loc_heads = _lite_heads(backbone.out_channels, anchors, 4 * (dfl_bins + 1))
     else:
         conf_heads = _heads(plain_head, backbone.out_channels, anchors, num_classes)
-        loc_heads = _heads(plain_head, backbone.out_channels, anchors, 4)
+        loc_heads = _heads(plain_head, backbone.out_channels, anchors, 4 * (dfl_bins + 1))
     _xavier_init([backbone.extras, conf_heads, loc_heads])
+    _init_edge_bias(loc_heads, dfl_bins)
     if pretrained_backbone is None:
         for m in backbone.vgg.modules():
             if isinstance(m, nn.Conv2d):  # as torchvision's VGG: trainable from scratch, if slowly
@@ -67,27 +85,28 @@ def _vgg_ssd(name: str, layout: str, lite: bool, num_classes: int, pretrained_ba
     else:
         state = reduced_fc_state_dict(load_backbone_state("vgg16", pretrained_backbone))
         backbone.vgg.load_state_dict(state)
-    return SSD(backbone, conf_heads, loc_heads, num_classes, layout, IMAGENET, spec={"name": name})
+    return SSD(backbone, conf_heads, loc_heads, num_classes, layout, IMAGENET, {"name": name}, dfl_bins)
 
 
-def vgg16_ssd300(num_classes: int = 21, pretrained_backbone: Pretrained = None) -> SSD:
+def vgg16_ssd300(num_classes: int = 21, pretrained_backbone: Pretrained = None, dfl_bins: int = 0) -> SSD:
     """VGG16-SSD300 as ssd.pytorch / the SSD paper (the standard teacher)."""
-    return _vgg_ssd("vgg16_ssd300", "ssd300", False, num_classes, pretrained_backbone)
+    return _vgg_ssd("vgg16_ssd300", "ssd300", False, num_classes, pretrained_backbone, dfl_bins)
 
 
-def vgg16_lite300(num_classes: int = 21, pretrained_backbone: Pretrained = None) -> SSD:
+def vgg16_lite300(num_classes: int = 21, pretrained_backbone: Pretrained = None, dfl_bins: int = 0) -> SSD:
     """The lite-layout teacher: VGG16 trunk, five extras and SSDLite heads on the student's 3000 priors."""
-    return _vgg_ssd("vgg16_lite300", "lite300", True, num_classes, pretrained_backbone)
+    return _vgg_ssd("vgg16_lite300", "lite300", True, num_classes, pretrained_backbone, dfl_bins)
 
 
 def _mobilenetv2_ssdlite(
-    name: str, layout: str, num_classes: int, pretrained_backbone: Pretrained, width_mult: float
+    name: str, layout: str, num_classes: int, pretrained_backbone: Pretrained, width_mult: float, dfl_bins: int
 ) -> SSD:
     backbone = MobileNetV2Backbone(width_mult)
     anchors = LAYOUTS[layout].boxes_per_location
     conf_heads = _lite_heads(backbone.out_channels, anchors, num_classes)
-    loc_heads = _lite_heads(backbone.out_channels, anchors, 4)
+    loc_heads = _lite_heads(backbone.out_channels, anchors, 4 * (dfl_bins + 1))
     _xavier_init([backbone.extras, conf_heads, loc_heads])
+    _init_edge_bias(loc_heads, dfl_bins)
     if pretrained_backbone is not None:
         if str(pretrained_backbone) == "imagenet" and width_mult != 1.0:
             raise ValueError(
@@ -98,21 +117,25 @@ def _mobilenetv2_ssdlite(
         features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         backbone.features.load_state_dict(features)
     spec = {"name": name, "width_mult": width_mult}
-    return SSD(backbone, conf_heads, loc_heads, num_classes, layout, IMAGENET, spec=spec)
+    return SSD(backbone, conf_heads, loc_heads, num_classes, layout, IMAGENET, spec, dfl_bins)
 
 
 def mobilenetv2_ssdlite300(
-    num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0
+    num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0, dfl_bins: int = 0
 ) -> SSD:
     """MobileNetV2-SSDLite on 300 px (qfgaohao mb2-ssd-lite), the student."""
-    return _mobilenetv2_ssdlite("mobilenetv2_ssdlite300", "lite300", num_classes, pretrained_backbone, width_mult)
+    return _mobilenetv2_ssdlite(
+        "mobilenetv2_ssdlite300", "lite300", num_classes, pretrained_backbone, width_mult, dfl_bins
+    )
 
 
 def mobilenetv2_ssdlite320(
-    num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0
+    num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0, dfl_bins: int = 0
 ) -> SSD:
     """MobileNetV2-SSDLite on 320 px (lufficc/SSD's layout)."""
-    return _mobilenetv2_ssdlite("mobilenetv2_ssdlite320", "lite320", num_classes, pretrained_backbone, width_mult)
+    return _mobilenetv2_ssdlite(
+        "mobilenetv2_ssdlite320", "lite320", num_classes, pretrained_backbone, width_mult, dfl_bins
+    )
 
 
 MODELS: dict[str, Callable[..., SSD]] = {
@@ -124,18 +147,23 @@ MODELS: dict[str, Callable[..., SSD]] = {
 
 
 def build_model(
-    name: str, num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0
+    name: str,
+    num_classes: int = 21,
+    pretrained_backbone: Pretrained = None,
+    width_mult: float = 1.0,
+    dfl_bins: int = 0,
 ) -> SSD:
     """Build a named model. ``pretrained_backbone``: None (random init), ``"imagenet"`` (torchvision's
-    weights) or a path to a local copy of them. ``width_mult`` (0.5, 0.75, 1.0, ...) is for MobileNetV2."""
+    weights) or a path to a local copy of them. ``width_mult`` (0.5, 0.75, 1.0, ...) is for MobileNetV2.
+    ``dfl_bins`` > 0 gives a distribution (DFL) box head with that many bin intervals per edge (GFL: 16)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     if name.startswith("mobilenetv2"):
-        model = MODELS[name](num_classes, pretrained_backbone, width_mult)
+        model = MODELS[name](num_classes, pretrained_backbone, width_mult, dfl_bins)
     elif width_mult != 1.0:
         raise ValueError(f"{name} has no width multiplier (got width_mult={width_mult})")
     else:
-        model = MODELS[name](num_classes, pretrained_backbone)
+        model = MODELS[name](num_classes, pretrained_backbone, dfl_bins)
     return model

@@ -1,0 +1,103 @@
+"""The distiller interface: what a distillation method reads and the named loss terms it returns.
+
+A :class:`Distiller` is an ``nn.Module`` (its adaptation layers train with the student) that declares in
+``needs`` which outputs it reads, may rescale the detection loss (``detection_weights``, e.g. Chen et al.'s
+``mu`` on the hard classification loss) and maps a :class:`DistillBatch` to named, already weighted loss
+terms. The distillation task runs student and teacher once, matches once, and hands the same batch to
+every configured distiller, so methods combine (Chen2017 + FGD, ...) without the trainer knowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odkd.models import SSD, SSDOutput
+
+__all__ = [
+    "BOXES",
+    "BOX_DISTRIBUTIONS",
+    "CONF_MAPS",
+    "FEATURES",
+    "HEAD_INTERMEDIATES",
+    "LOGITS",
+    "DistillBatch",
+    "Distiller",
+    "adapter_1x1",
+    "resize_to",
+]
+
+# What a distiller may read (``Distiller.needs``); the task checks the teacher/student pair provides it.
+LOGITS = "class logits"  # (B, P, C), the teacher's on the student's priors
+BOXES = "box regressions"  # (B, P, 4), the teacher's encoded on the student's priors
+CONF_MAPS = "conf-head maps"  # per level (B, A_k * C, H_k, W_k)
+FEATURES = "feature maps"  # per level source maps (B, D_k, H_k, W_k)
+HEAD_INTERMEDIATES = "head intermediates"  # per level inputs of the heads' last convs, and the teacher's heads
+BOX_DISTRIBUTIONS = "box distributions"  # (B, P, 4, n + 1) edge bin logits of DFL heads
+
+
+@dataclass
+class DistillBatch:
+    """One training step as the distillers see it. ``B`` images, ``P`` student priors, ``C`` classes."""
+
+    student: SSDOutput  # the student's forward pass (with gradient)
+    teacher: SSDOutput  # the teacher's forward pass on the same images (no gradient; its own priors)
+    teacher_model: SSD  # the frozen teacher, for methods that run part of it (CrossKD)
+    teacher_loc: torch.Tensor  # (B, P, 4) teacher boxes encoded on the student's priors (re-mapped if needed)
+    teacher_conf: torch.Tensor  # (B, P, C) teacher logits on the student's priors
+    loc_targets: torch.Tensor  # (B, P, 4) matched GT boxes, encoded
+    labels: torch.Tensor  # (B, P) matched classes, 0 = background
+    sampled: torch.Tensor  # (B, P) bool: positives + hard-mined negatives (the detection CE's priors)
+    gt_boxes: torch.Tensor  # (B, N, 4) x1,y1,x2,y2 in [0, 1], padded
+    gt_valid: torch.Tensor  # (B, N) bool: real objects (not padding)
+    priors: torch.Tensor  # (P, 4) student priors cx,cy,w,h
+    iteration: int  # training iterations done before this one
+
+    @property
+    def positive(self) -> torch.Tensor:
+        return self.labels > 0
+
+    @property
+    def num_pos(self) -> torch.Tensor:
+        """N, the number of positive priors in the batch (at least 1): every output-level term is / N."""
+        return self.positive.sum().clamp(min=1)
+
+
+class Distiller(nn.Module):
+    """Base class of the distillation methods (see the module docstring)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def from_models(cls, student: SSD, teacher: SSD, **settings) -> Distiller:
+        """The method for this student/teacher pair (adapter channels come from the models), with the
+        config's ``settings``."""
+        return cls(**settings)
+
+    def detection_weights(self, iteration: int) -> dict[str, float]:
+        """Factors this method puts on the detection terms (``"conf"``, ``"loc"``, ``"dfl"``); default none."""
+        return {}
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def adapter_1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A learned 1x1 conv from student to teacher channels; the identity when the counts agree, so the
+    loss starts by comparing the maps themselves rather than a random projection of the student's."""
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    if in_channels == out_channels:
+        nn.init.eye_(conv.weight.view(out_channels, in_channels))
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def resize_to(teacher_map: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """``(B, D, H, W)`` teacher map at the student's spatial ``size`` (bilinear; unchanged when equal)."""
+    if tuple(teacher_map.shape[-2:]) == tuple(size):
+        return teacher_map
+    return F.interpolate(teacher_map, size=tuple(size), mode="bilinear", align_corners=False)
