@@ -3,11 +3,16 @@
 python scripts/benchmark.py loss      # matching + MultiBoxLoss on random data, CPU and CUDA
 python scripts/benchmark.py models    # parameters, GMACs, inference latency of every architecture
 python scripts/benchmark.py eval      # VOC AP: vectorised evaluation vs the per-detection reference loop
+python scripts/benchmark.py train     # training throughput: images/s, peak memory, time per phase
+python scripts/benchmark.py distill   # the same for distillation (student + frozen teacher + distillers)
+python scripts/benchmark.py loader    # the training data pipeline alone
+python scripts/benchmark.py demo|kd   # accuracy: the CPU demo to convergence; every distiller, 3 seeds
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -205,7 +210,55 @@ def synthetic_voc(
     return annotations, detections
 
 
+def _benchmark_classes() -> list[str]:
+    """VOC's 20 object classes for the heads' sizes: the five synthetic ones and 15 that never occur."""
+    from odkd.data.synthetic import SYNTHETIC_CLASSES
+
+    return [*SYNTHETIC_CLASSES, *(f"unused{i}" for i in range(20 - len(SYNTHETIC_CLASSES)))]
+
+
+def bench_eval_model(args: argparse.Namespace) -> None:
+    """A detector's whole VOC evaluation, as evaluate.py runs it: JPEG decoding and resizing in the loader
+    workers, forward (bf16 + channels_last on CUDA), post-processing, devkit AP."""
+    from odkd.checkpoint import load_model
+    from odkd.data import VOCDataset
+    from odkd.data.synthetic import make_synthetic_voc
+    from odkd.inference import detect_dataset
+
+    make_synthetic_voc(args.root, {"test": args.images}, min_size=375, max_size=500)
+    classes = _benchmark_classes()
+    dataset = VOCDataset(args.root, "SYN_test", classes)
+    if args.checkpoint:
+        model = load_model(args.checkpoint)
+        classes = classes[: model.num_classes - 1]
+        dataset = VOCDataset(args.root, "SYN_test", classes)
+    else:
+        model = build_model(args.model, num_classes=len(classes) + 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.inference_mode():  # CUDA context and kernel selection are start-up, not evaluation
+        model.eval().to(device)(torch.zeros(args.batch, 3, model.image_size, model.image_size, device=device))
+    start = time.perf_counter()
+    detections = detect_dataset(model, dataset, device, args.batch, args.workers, progress=False)
+    detected = time.perf_counter()
+    result = evaluate(detections, dataset.annotations, classes, args.metric)
+    done = time.perf_counter()
+    count = sum(len(d.scores) for d in detections.values())
+    print(
+        f"end-to-end evaluation: {model.arch} ({args.checkpoint or 'random weights'}), {len(dataset)} synthetic "
+        f"375-500 px JPEGs, batch {args.batch}, {args.workers} loader workers; {_device_name(device)}"
+    )
+    rows = (
+        ("detection (decode, resize, forward, post-process)", detected - start, f"{count} detections"),
+        (f"devkit AP ({args.metric})", done - detected, f"mAP {100 * result.mAP:.2f}"),
+        ("total", done - start, f"{len(dataset) / (done - start):.1f} images/s"),
+    )
+    for label, seconds, note in rows:
+        print(f"{label:<50}{seconds:8.2f} s  {note}")
+
+
 def bench_eval(args: argparse.Namespace) -> None:
+    if args.model or args.checkpoint:
+        return bench_eval_model(args)
     annotations, detections = synthetic_voc(args.images, args.detections, args.seed)
     num_gt = sum(len(a.labels) for a in annotations)
     num_difficult = sum(int(a.difficult.sum()) for a in annotations)
@@ -261,6 +314,138 @@ def bench_loader(args: argparse.Namespace) -> None:
         count = sum(batch["images"].shape[0] for batch in iterator)
         rate = count / (time.perf_counter() - start)
         print(f"DataLoader, {workers:2d} workers      {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per worker)")
+
+
+PHASES = ("data wait", "forward", "matching + loss", "backward", "optimizer")
+
+
+def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log_every: int):
+    """The benchmark's run config: --model at --batch, synthetic 375-500 px JPEGs, AMP / channels_last /
+    compile as asked, no evaluation, a checkpoint only at the end."""
+    from odkd.config import load_config
+
+    classes = _benchmark_classes()
+    overrides = [
+        f"model.name={args.model}", f"model.width_mult={args.width}", f"data.voc_root={args.root}",
+        "data.train_sets=SYN_trainval", "data.test_sets=''", f"data.classes=[{', '.join(classes)}]",
+        f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", f"optim.max_iters={max_iters}",
+        "optim.warmup_iters=0",
+        f"train.output_dir={output_dir}", f"train.amp={args.amp}", f"train.channels_last={args.channels_last}",
+        f"train.compile={args.compile}", f"train.log_every={log_every}", f"train.eval_every={10 * max_iters}",
+        f"train.checkpoint_every={max_iters}", "train.keep_last=1",
+    ]  # fmt: skip
+    if args.benchmark == "distill":
+        overrides.append(f"distill.methods=[{', '.join(args.methods)}]")
+    return load_config(None, overrides)
+
+
+def _make_task(cfg, args: argparse.Namespace):
+    """None (detection) or a distillation task factory with a randomly initialised --teacher-model
+    (speed does not depend on the weights)."""
+    if args.benchmark != "distill":
+        return None
+    from odkd.engine.distill_task import build_distillation_task
+
+    def make(model):
+        teacher = build_model(args.teacher_model, num_classes=model.num_classes, dfl_bins=model.dfl_bins)
+        return build_distillation_task(cfg, model, teacher.eval().requires_grad_(False))
+
+    return make
+
+
+def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
+    """Median seconds per phase of one training step, synchronising the device after each phase."""
+    from odkd.data import build_loader
+
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    cfg = trainer.cfg
+    loader = build_loader(
+        trainer.train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
+        max_iters=warmup + iters, seed=1,
+    )  # fmt: skip
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    task = trainer.task.train()
+    batches = iter(loader)
+    for step in range(warmup + iters):
+        marks = [time.perf_counter()]
+        images, boxes, labels = trainer.to_device(next(batches))
+        sync()
+        marks.append(time.perf_counter())
+        with trainer.autocast():
+            outputs = task.predict(images)
+            sync()
+            marks.append(time.perf_counter())
+            loss = sum(task.losses(outputs, boxes, labels).values())
+        sync()
+        marks.append(time.perf_counter())
+        trainer.backward(loss)
+        sync()
+        marks.append(time.perf_counter())
+        trainer.optimizer_step()
+        trainer.scheduler.step()
+        sync()
+        marks.append(time.perf_counter())
+        if step >= warmup:
+            for phase, (start, end) in zip(PHASES, itertools.pairwise(marks), strict=True):
+                times[phase].append(end - start)
+    return {phase: statistics.median(values) for phase, values in times.items()}
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """Training (or distillation) throughput: the trainer's own loop end to end, then a phase breakdown."""
+    from odkd.data.synthetic import make_synthetic_voc
+    from odkd.engine.build import build_trainer
+    from odkd.engine.distributed import barrier, setup_distributed
+
+    info = setup_distributed(args.device)  # under torchrun: one process writes the data, the others wait
+    if info.is_main:
+        make_synthetic_voc(args.root, {"trainval": args.images}, min_size=375, max_size=500)
+    barrier(info)
+    total = args.warmup + args.iters
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = _train_config(args, folder, total, log_every=args.warmup)
+        trainer = build_trainer(cfg, args.device, _make_task(cfg, args), progress=False)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        start = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - start
+        metrics = Path(folder) / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if not trainer.info.is_main:
+        return
+    steady = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first window is warm-up
+    what = f"{args.model} x{args.width}"
+    if args.benchmark == "distill":
+        what += f" distilled from {args.teacher_model} ({' + '.join(args.methods)})"
+    precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32"
+    channels_last = args.channels_last and trainer.device.type == "cuda"
+    print(
+        f"{args.benchmark}: {what}, batch {args.batch} per process x {trainer.info.world_size}, "
+        f"{trainer.model.image_size} px, {precision}, channels_last {channels_last}, compile {args.compile}, "
+        f"{args.workers} loader workers; {_device_name(trainer.device)}, torch {torch.__version__}"
+    )
+    print(
+        f"end to end, the trainer's loop: {statistics.mean(steady):.1f} images/s in total (iterations "
+        f"{args.warmup + 1}-{total}); {wall:.1f} s for all {total} iterations with start-up"
+    )
+    if trainer.device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.2f} GiB")
+    if trainer.info.distributed:
+        return  # the phase breakdown times one process's step pieces, outside DDP's wrapper
+    phases = _phase_times(trainer, args.iters, args.warmup)
+    step = sum(phases.values())
+    print(f"phase breakdown (median per iteration, device synchronised after each phase, {args.iters} iterations):")
+    for phase, seconds in phases.items():
+        print(f"  {phase:<16}{1000 * seconds:9.1f} ms {100 * seconds / step:5.1f}%")
+    busy = 1 - phases["data wait"] / step
+    print(f"  {'step':<16}{1000 * step:9.1f} ms -> {args.batch / step:.1f} images/s; device busy {100 * busy:.1f}%")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
 
 
 def bench_demo(args: argparse.Namespace) -> None:
@@ -372,11 +557,17 @@ def main() -> None:
     models.add_argument("--warmup", type=int, default=1)
     models.set_defaults(run=bench_models)
     voc_eval = sub.add_parser("eval", help="VOC AP: vectorised evaluation vs the per-detection reference loop")
-    voc_eval.add_argument("--images", type=int, default=5000)
+    voc_eval.add_argument("--images", type=int, default=5000, help="VOC07 test has 4952")
     voc_eval.add_argument("--detections", type=int, default=100_000)
     voc_eval.add_argument("--metric", choices=METRICS, default="voc07")
     voc_eval.add_argument("--seed", type=int, default=0)
     voc_eval.add_argument("--iters", type=int, default=5)
+    voc_eval.add_argument("--model", choices=sorted(MODELS), help="end to end: evaluate this (random) detector")
+    voc_eval.add_argument("--checkpoint", help="end to end: evaluate this model file")
+    voc_eval.add_argument("--batch", type=int, default=64, help="end to end: batch size")
+    voc_eval.add_argument("--workers", type=int, default=8, help="end to end: loader workers")
+    voc_eval.add_argument("--root", default="data/bench_eval", help="end to end: where the JPEGs are written")
+    voc_eval.add_argument("--device", choices=["cuda", "cpu"], help="end to end: default cuda when available")
     voc_eval.set_defaults(run=bench_eval)
     loader = sub.add_parser("loader", help="training data pipeline throughput")
     loader.add_argument("--root", default="data/bench_loader", help="where the benchmark images are written")
@@ -386,6 +577,24 @@ def main() -> None:
     loader.add_argument("--batches", type=int, default=12, help="batches timed per worker count")
     loader.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     loader.set_defaults(run=bench_loader)
+    for name, text in (("train", "training throughput"), ("distill", "distillation throughput")):
+        train = sub.add_parser(name, help=f"{text}: images/s, peak GPU memory, time per phase (synthetic data)")
+        train.add_argument("--model", choices=sorted(MODELS), default="mobilenetv2_ssdlite300")
+        train.add_argument("--width", type=float, default=1.0, help="width multiplier (MobileNetV2)")
+        train.add_argument("--batch", type=int, default=64, help="per process")
+        train.add_argument("--iters", type=int, default=50, help="timed iterations")
+        train.add_argument("--warmup", type=int, default=10)
+        train.add_argument("--workers", type=int, default=8)
+        train.add_argument("--images", type=int, default=512, help="synthetic 375-500 px JPEGs to train on")
+        train.add_argument("--root", default="data/bench_train")
+        train.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+        train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+        train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+        train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+        if name == "distill":
+            train.add_argument("--teacher-model", choices=sorted(MODELS), default="vgg16_lite300")
+            train.add_argument("--methods", nargs="+", default=["chen2017"])
+        train.set_defaults(run=bench_train)
     demo = sub.add_parser("demo", help="train the CPU demo to convergence, report mAP and wall time")
     demo.add_argument("--iters", type=int, default=400)
     demo.add_argument("--eval-every", type=int, default=100)

@@ -18,7 +18,7 @@ from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
 from odkd.models import SSD, build_model
 
-__all__ = ["build_datasets", "build_detector", "run_training", "setup_logging", "summary"]
+__all__ = ["build_datasets", "build_detector", "build_trainer", "run_training", "setup_logging", "summary"]
 
 log = logging.getLogger("odkd")
 
@@ -64,16 +64,14 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[VOCDataset,
     return train_set, test_set
 
 
-def run_training(
+def build_trainer(
     cfg: Config,
-    resume: str | None = None,
     device: str | None = None,
     make_task: Callable[[SSD], nn.Module] | None = None,
     progress: bool = True,
-) -> tuple[TrainResult, DistInfo]:
-    """Everything a training script does: processes, logging, model, data, the task, the loop.
+) -> Trainer:
+    """Processes, logging, model, data and the task of ``cfg``, ready to ``fit``.
 
-    ``resume``: a checkpoint path, ``"auto"`` (the latest in ``train.output_dir``) or None.
     ``make_task``: builds the trained module from the detector (default: :class:`DetectionTask`).
     """
     info = setup_distributed(device)
@@ -81,14 +79,27 @@ def run_training(
     torch.manual_seed(cfg.train.seed)  # identical initial weights in every process
     model = build_detector(cfg)
     train_set, test_set = build_datasets(cfg, model, info)
-    task = (
-        make_task(model)
-        if make_task
-        else DetectionTask(model, cfg.loss.neg_pos_ratio, cfg.loss.iou_threshold, cfg.loss.dfl_weight)
-    )
-    trainer = Trainer(cfg, task, train_set, test_set, info, progress=progress)
+    if make_task is None:
+        task = DetectionTask(model, cfg.loss.neg_pos_ratio, cfg.loss.iou_threshold, cfg.loss.dfl_weight)
+    else:
+        task = make_task(model)
+    return Trainer(cfg, task, train_set, test_set, info, progress=progress)
+
+
+def run_training(
+    cfg: Config,
+    resume: str | None = None,
+    device: str | None = None,
+    make_task: Callable[[SSD], nn.Module] | None = None,
+    progress: bool = True,
+) -> tuple[TrainResult, DistInfo]:
+    """Everything a training script does: :func:`build_trainer`, then the loop.
+
+    ``resume``: a checkpoint path, ``"auto"`` (the latest in ``train.output_dir``) or None.
+    """
+    trainer = build_trainer(cfg, device, make_task, progress)
     checkpoint = latest_checkpoint(cfg.train.output_dir) if resume == "auto" else resume
-    return trainer.fit(checkpoint), info
+    return trainer.fit(checkpoint), trainer.info
 
 
 def summary(cfg: Config, result: TrainResult, headline: str) -> str:

@@ -32,7 +32,7 @@ from odkd.distill import (
 )
 from odkd.engine.task import DetectionTask
 from odkd.matching import map_priors, valid_gt_mask
-from odkd.models import SSD
+from odkd.models import SSD, SSDOutput
 
 __all__ = ["DistillationTask", "build_distillation_task", "load_teacher"]
 
@@ -119,10 +119,17 @@ class DistillationTask(DetectionTask):
         boxes = decode(loc[:, index].float(), self.teacher.priors[index])
         return encode(boxes, self.model.priors), conf[:, index]
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(self.model.preprocessing.normalize(images))
+    def predict(self, images: torch.Tensor) -> tuple[SSDOutput, SSDOutput]:
+        """The student's output (with gradient) and the teacher's (without)."""
         with torch.no_grad():
             teacher_out = self.teacher(self.teacher.preprocessing.normalize(images))
+        return super().predict(images), teacher_out
+
+    def losses(
+        self, outputs: tuple[SSDOutput, SSDOutput], boxes: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        out, teacher_out = outputs
+        with torch.no_grad():
             teacher_loc, teacher_conf = self.paired_teacher_outputs(teacher_out.loc, teacher_out.conf)
         losses, targets = self.detection_losses(out, boxes, labels)
         batch = DistillBatch(

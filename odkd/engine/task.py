@@ -53,7 +53,15 @@ class DetectionTask(nn.Module):
             losses["dfl"] = self.dfl_weight * dfl.where(positive, 0.0).sum() / positive.sum().clamp(min=1)
         return losses, MatchedTargets(loc_targets, conf_targets, sampled)
 
+    def predict(self, images: torch.Tensor) -> SSDOutput:
+        """The networks' pass: ``images`` (B, 3, S, S) uint8 RGB on the device -> the model's output."""
+        return self.model(self.model.preprocessing.normalize(images))
+
+    def losses(self, outputs: SSDOutput, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Matching and the loss terms of :meth:`predict`'s ``outputs``."""
+        return self.detection_losses(outputs, boxes, labels)[0]
+
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images`` (B, 3, S, S) uint8 RGB on the device; ``boxes`` (B, N, 4) / ``labels`` (B, N) padded with -1."""
-        out = self.model(self.model.preprocessing.normalize(images))
-        return self.detection_losses(out, boxes, labels)[0]
+        """``images`` (B, 3, S, S) uint8 RGB on the device; ``boxes`` (B, N, 4) / ``labels`` (B, N) padded with -1.
+        The same as ``losses(predict(images), boxes, labels)`` (split so benchmarks can time the two)."""
+        return self.losses(self.predict(images), boxes, labels)

@@ -263,7 +263,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 bad_in_a_row = 0
-                self._backward(loss)
+                self.backward(loss)
+                self.optimizer_step()
             self.scheduler.step()
             self.iteration += 1
             window_images += batch["images"].shape[0] * self.info.world_size
@@ -295,18 +296,28 @@ class Trainer:
         bar.close()
         return checkpoint
 
+    # ------------------------------------------------------------------- one step, piece by piece
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A loader batch's images, boxes and labels on the device. uint8 travels (a quarter of float32's
+        bytes); the task normalises there. With channels_last weights, convolutions produce channels_last
+        outputs from NCHW input themselves."""
+        return tuple(batch[k].to(self.device, non_blocking=True) for k in ("images", "boxes", "labels"))
+
+    def autocast(self) -> torch.autocast:
+        """The mixed-precision context of the forward pass and the losses (disabled without AMP)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def _forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        # uint8 goes to the device (a quarter of float32's bytes); the task normalises there. With
-        # channels_last weights, convolutions produce channels_last outputs from NCHW input themselves.
-        images = batch["images"].to(self.device, non_blocking=True)
-        boxes = batch["boxes"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        images, boxes, labels = self.to_device(batch)
+        with self.autocast():
             return self.step_module(images, boxes, labels)
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> None:
+        """Clip (if configured), SGD step, loss-scale update, EMA update."""
         if self.cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)

@@ -1,0 +1,29 @@
+"""The benchmark commands run end to end at tiny sizes (their numbers are measured elsewhere, not asserted)."""
+
+import re
+
+
+def test_train_and_distill_benchmarks_report_throughput_and_phases(tmp_path, run_script):
+    common = ["--device", "cpu", "--batch", "2", "--iters", "2", "--warmup", "1", "--workers", "0", "--images", "4",
+              "--root", tmp_path / "data", "--width", "0.5", "--no-amp"]  # fmt: skip
+    done = run_script("benchmark.py", "train", *common)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"end to end, the trainer's loop: [\d.]+ images/s", done.stdout)
+    for phase in ("data wait", "forward", "matching \\+ loss", "backward", "optimizer"):
+        assert re.search(rf"  {phase}\s+[\d.]+ ms\s+[\d.]+%", done.stdout), phase
+    assert re.search(r"device busy [\d.]+%", done.stdout)
+    done = run_script(
+        "benchmark.py", "distill", *common, "--teacher-model", "mobilenetv2_ssdlite300", "--methods", "hinton", "fgd"
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "distilled from mobilenetv2_ssdlite300 (hinton + fgd)" in done.stdout and "device busy" in done.stdout
+
+
+def test_end_to_end_eval_benchmark(tmp_path, run_script):
+    done = run_script(
+        "benchmark.py", "eval", "--model", "mobilenetv2_ssdlite300", "--images", "4", "--batch", "2",
+        "--workers", "0", "--device", "cpu", "--root", tmp_path / "data",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "4 synthetic 375-500 px JPEGs" in done.stdout
+    assert re.search(r"total\s+[\d.]+ s\s+[\d.]+ images/s", done.stdout)
