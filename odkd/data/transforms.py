@@ -29,16 +29,6 @@ __all__ = ["DetectionTransform", "Expand", "MinIoURandomCrop", "build_transform"
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def _iou_with_rect(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
-    """IoU of ``(n, 4)`` x1,y1,x2,y2 boxes with one rectangle (same units)."""
-    iw = np.clip(np.minimum(boxes[:, 2], rect[2]) - np.maximum(boxes[:, 0], rect[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], rect[3]) - np.maximum(boxes[:, 1], rect[1]), 0, None)
-    inter = iw * ih
-    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_rect = (rect[2] - rect[0]) * (rect[3] - rect[1])
-    return inter / (area_boxes + area_rect - inter)
-
-
 def sample_min_iou_crop(
     boxes: np.ndarray,
     width: int,
@@ -59,6 +49,11 @@ def sample_min_iou_crop(
     mode finds no crop, another mode is drawn (at most ``max_modes`` times, then the whole image).
     """
     modes: list[float | None] = [None, *min_ious, -np.inf]
+    # Up to max_modes x max_trials candidates are tested against the same boxes: their corners, areas
+    # and centres once, then a few small array operations per candidate.
+    x1, y1, x2, y2 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
+    areas = (x2 - x1) * (y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     for _ in range(max_modes):
         min_iou = rng.choice(modes)
         if min_iou is None:
@@ -69,16 +64,15 @@ def sample_min_iou_crop(
             if w < 1 or h < 1 or not aspect_range[0] <= h / w <= aspect_range[1]:
                 continue
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            rect = (left, top, left + w, top + h)
-            if len(boxes) == 0:
-                return rect, min_iou
-            if _iou_with_rect(boxes, rect).min() < min_iou:
+            right, bottom = left + w, top + h
+            if len(areas) == 0:
+                return (left, top, right, bottom), min_iou
+            inter = np.maximum(np.minimum(x2, right) - np.maximum(x1, left), 0)
+            inter *= np.maximum(np.minimum(y2, bottom) - np.maximum(y1, top), 0)
+            if (inter / (areas + w * h - inter)).min() < min_iou:
                 continue
-            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-            inside = (centres[:, 0] > rect[0]) & (centres[:, 0] < rect[2])
-            inside &= (centres[:, 1] > rect[1]) & (centres[:, 1] < rect[3])
-            if inside.any():
-                return rect, min_iou
+            if ((cx > left) & (cx < right) & (cy > top) & (cy < bottom)).any():
+                return (left, top, right, bottom), min_iou
     return (0, 0, width, height), None
 
 
