@@ -46,6 +46,7 @@ def save_model(model: SSD, path: str | os.PathLike) -> None:
             "version": MODEL_FORMAT_VERSION,
             "spec": dict(model.spec),
             "preprocessing": model.preprocessing.to_dict(),
+            "class_names": list(model.class_names) if model.class_names else None,
             "state_dict": model.state_dict(),
         },
         path,
@@ -80,7 +81,7 @@ def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSD:
     """Rebuild a model saved by :func:`save_model`, or the detector of a training checkpoint (weights,
-    classes, width and preprocessing)."""
+    classes and their names, width and preprocessing)."""
     path = Path(path)
     data = _read(path, map_location)
     if not isinstance(data, dict):
@@ -93,6 +94,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit {model.arch}: {err}") from err
     model.preprocessing = Preprocessing(**data["preprocessing"])
+    model.class_names = data.get("class_names")  # absent in files of odkd before class names were saved
     return model
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from odkd.data.voc import VOC_CLASSES
 from odkd.models import SSD, Preprocessing, build_model
 
 __all__ = ["SOURCES", "import_checkpoint", "unwrap_state_dict"]
@@ -144,4 +145,6 @@ def import_checkpoint(state_dict: Mapping, source: str) -> SSD:
         )
     model.load_state_dict(renamed)  # strict: every key checked above
     model.preprocessing = spec.preprocessing
+    if num_classes == len(VOC_CLASSES) + 1:  # both projects publish VOC models, in the devkit's class order
+        model.class_names = VOC_CLASSES
     return model

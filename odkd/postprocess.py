@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from odkd.boxes import DEFAULT_VARIANCES, decode
 
-__all__ = ["Detections", "postprocess"]
+__all__ = ["Detections", "FlatDetections", "postprocess", "postprocess_flat"]
 
 
 class Detections(NamedTuple):
@@ -20,7 +20,17 @@ class Detections(NamedTuple):
     labels: torch.Tensor  # (K,) int64 class index, 1..C-1
 
 
-def postprocess(
+class FlatDetections(NamedTuple):
+    """A batch's detections in one set of tensors (what an exported graph returns), ordered by image,
+    then by decreasing score within an image."""
+
+    boxes: torch.Tensor  # (K, 4) x1,y1,x2,y2 relative to the image
+    scores: torch.Tensor  # (K,) class probability
+    labels: torch.Tensor  # (K,) int64 class index, 1..C-1
+    image_index: torch.Tensor  # (K,) int64 position of the image in the batch
+
+
+def postprocess_flat(
     loc: torch.Tensor,
     conf: torch.Tensor,
     priors: torch.Tensor,
@@ -31,20 +41,10 @@ def postprocess(
     max_detections: int = 200,
     variances: tuple[float, float] = DEFAULT_VARIANCES,
     clip: bool = True,
-) -> list[Detections]:
-    """Detections of a batch.
+) -> FlatDetections:
+    """The detections of a batch as :class:`FlatDetections` (arguments as :func:`postprocess`).
 
-    Args:
-        loc: ``(B, P, 4)`` box regressions; conf: ``(B, P, C)`` raw logits (class 0 = background);
-            priors: ``(P, 4)`` cx,cy,w,h.
-        score_threshold: keep (prior, class) pairs whose probability is strictly above it.
-        top_k: at most this many candidates per class per image enter NMS.
-        nms_threshold: IoU above which a lower-scoring box of the same class and image is dropped.
-        max_detections: at most this many detections per image (the highest scores).
-        clip: clip boxes to the image before NMS.
-
-    Returns one :class:`Detections` per image. The whole batch is processed at once; the only
-    per-image step is splitting the final result.
+    Tensor operations only (no host round trip), so the same code runs inside an exported ONNX graph.
     """
     batch, num_priors, num_classes = conf.shape
     if num_classes < 2 or loc.shape != (batch, num_priors, 4) or priors.shape != (num_priors, 4):
@@ -70,16 +70,52 @@ def postprocess(
     cand_boxes, cand_scores = cand_boxes[keep], cand_scores[keep]
     cand_labels, cand_images = cand_labels[keep], cand_images[keep]
     # One NMS call for the batch: the group id separates images and classes.
-    kept = batched_nms(cand_boxes, cand_scores, cand_images * num_classes + cand_labels, nms_threshold)
+    kept = _grouped_nms(cand_boxes, cand_scores, cand_images * num_classes + cand_labels, nms_threshold)
 
-    # kept is in decreasing score order; a stable sort by image keeps that order within each image.
-    kept = kept[cand_images[kept].sort(stable=True).indices]
+    # kept is in decreasing score order; sorting by (image, position in kept) groups it by image and keeps
+    # that order within each image. The keys are unique, so any sort is stable (ONNX has no stable sort).
+    position = torch.arange(len(kept), device=kept.device)
+    kept = kept[(cand_images[kept] * len(kept) + position).sort().indices]
     images = cand_images[kept]
-    counts = torch.bincount(images, minlength=batch)
+    counts = images.new_zeros(batch).scatter_add(0, images, torch.ones_like(images))  # bincount, exportable
     first_of_image = counts.cumsum(0) - counts
-    rank_in_image = torch.arange(len(kept), device=kept.device) - first_of_image[images]
+    rank_in_image = position - first_of_image[images]
     kept = kept[rank_in_image < max_detections]
+    return FlatDetections(cand_boxes[kept], cand_scores[kept], cand_labels[kept], cand_images[kept])
 
-    sizes = counts.clamp(max=max_detections).tolist()
-    per_image = (cand_boxes[kept].split(sizes), cand_scores[kept].split(sizes), cand_labels[kept].split(sizes))
+
+def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """NMS within each group. Eager: torchvision's ``batched_nms`` (which picks its algorithm by the number
+    of boxes). Inside an export the number is not known, so always its coordinate-offset form: one NMS call
+    with every group shifted by ``group * (largest |coordinate| + 1)``, so boxes of different groups never
+    overlap."""
+    if not torch.compiler.is_exporting():
+        return batched_nms(boxes, scores, groups, iou)
+    span = torch.cat((boxes.detach().abs().flatten(), boxes.new_ones(1))).max() + 1  # safe when empty
+    return nms(boxes + (groups.to(boxes) * span)[:, None], scores, iou)
+
+
+def postprocess(
+    loc: torch.Tensor,
+    conf: torch.Tensor,
+    priors: torch.Tensor,
+    **kwargs,
+) -> list[Detections]:
+    """Detections of a batch, one :class:`Detections` per image.
+
+    Args:
+        loc: ``(B, P, 4)`` box regressions; conf: ``(B, P, C)`` raw logits (class 0 = background);
+            priors: ``(P, 4)`` cx,cy,w,h.
+        score_threshold: keep (prior, class) pairs whose probability is strictly above it (0.01).
+        top_k: at most this many candidates per class per image enter NMS (200).
+        nms_threshold: IoU above which a lower-scoring box of the same class and image is dropped (0.45).
+        max_detections: at most this many detections per image, the highest scores (200).
+        variances: the box coder's; clip: clip boxes to the image before NMS (True).
+
+    The whole batch is processed at once (:func:`postprocess_flat`); the only per-image step is
+    splitting the final result.
+    """
+    flat = postprocess_flat(loc, conf, priors, **kwargs)
+    sizes = torch.bincount(flat.image_index, minlength=conf.shape[0]).tolist()
+    per_image = (flat.boxes.split(sizes), flat.scores.split(sizes), flat.labels.split(sizes))
     return [Detections(*parts) for parts in zip(*per_image, strict=True)]

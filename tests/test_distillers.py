@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
+from _tiny_ssd import tiny_ssd
 from torch import nn
 
 from odkd.distill import FGD, CrossKD, DistillBatch, HintonKD, LocalizationDistillation, ObjectDistillationLoss
 from odkd.distill.fgd import GlobalContext, feature_attention, focal_masks
 from odkd.distill.ld import best_gt_diou
 from odkd.losses import MultiBoxLoss
-from odkd.models import IMAGENET, SSD, SSDOutput, build_model
-from odkd.models.ssd import plain_head
-from odkd.priors import PriorLayout
+from odkd.models import SSD, SSDOutput, build_model
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 E = math.e
@@ -331,21 +330,10 @@ def test_global_context_block_by_hand():
 
 
 # ------------------------------------------------------------------------------------------ CrossKD
-class ImageAsSource(nn.Module):
-    """A 'backbone' whose one source map is its input."""
-
-    out_channels = (2,)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x]
-
-
 def tiny_teacher() -> SSD:
     """One 1x1 level, two priors per cell ((0.5, 0.5, 0.5, 0.5) and (0.5, 0.5, 1, 1)), 2 classes,
     1x1 plain heads with hand-set weights."""
-    layout = PriorLayout(1, (1,), (1,), (0.5,), (2.0,), ((),))
-    heads = (nn.ModuleList([plain_head(2, 2 * 2, 1)]), nn.ModuleList([plain_head(2, 2 * 4, 1)]))
-    teacher = SSD(ImageAsSource(), *heads, num_classes=2, layout=layout, preprocessing=IMAGENET)
+    teacher = tiny_ssd(1, num_classes=2, channels=2, min_size=0.5, max_size=2.0)
     with torch.no_grad():
         conf, loc = teacher.conf_heads[0].predictor, teacher.loc_heads[0].predictor
         conf.weight.zero_(), conf.bias.zero_(), loc.weight.zero_(), loc.bias.zero_()

@@ -41,6 +41,7 @@ def build_detector(cfg: Config) -> SSD:
     if cfg.model.init_checkpoint:
         copied, left = init_from_checkpoint(model, cfg.model.init_checkpoint, cfg.model.init_source)
         log.info("initialised %d tensors from %s (%d left as they were)", copied, cfg.model.init_checkpoint, left)
+    model.class_names = cfg.class_names  # saved with the model files
     return model
 
 

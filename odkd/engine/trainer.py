@@ -116,6 +116,7 @@ class Trainer:
             "iteration": self.iteration,
             "spec": dict(self.model.spec),
             "preprocessing": self.model.preprocessing.to_dict(),
+            "class_names": list(self.model.class_names) if self.model.class_names else None,
             "task": self.task.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),

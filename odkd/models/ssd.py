@@ -152,12 +152,24 @@ class SSD(nn.Module):
         if dfl_bins:  # plain heads keep the spec (and so the model files) they always had
             self.spec["dfl_bins"] = dfl_bins
         self.dfl_bins, self.dfl_max_edge = dfl_bins, DEFAULT_MAX_EDGE
+        self._class_names: tuple[str, ...] | None = None
         # Not persistent: priors are derived from the layout and need not travel in checkpoints.
         self.register_buffer("priors", build_priors(self.layout), persistent=False)
 
     @property
     def arch(self) -> str:
         return self.spec["name"]
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Names of classes 1..C-1 when known (set by training, saved in model files), else None."""
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names: tuple[str, ...] | list[str] | None) -> None:
+        if names is not None and len(names) != self.num_classes - 1:
+            raise ValueError(f"{self.arch} has {self.num_classes - 1} object classes, got {len(names)} names")
+        self._class_names = None if names is None else tuple(names)
 
     @property
     def image_size(self) -> int:

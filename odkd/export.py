@@ -1,0 +1,98 @@
+"""The deployed detector and its ONNX export.
+
+:class:`DeployedDetector` is what ``scripts/export_onnx.py`` writes: the detector (without any
+distillation adapters) with its preprocessing and box decoding in the graph, so a runtime feeds plain
+RGB pixels. Two forms:
+
+- ``postprocess=False``: ``images`` (B, 3, S, S) float RGB 0-255 -> ``boxes`` (B, P, 4) x1,y1,x2,y2 in
+  [0, 1] and ``scores`` (B, P, C) class probabilities (column 0 = background); NMS is the runtime's;
+- ``postprocess=True``: the same input -> the detections of :func:`odkd.postprocess.postprocess_flat`
+  (score threshold, per-class top-k, NMS, per-image cap): ``boxes`` (K, 4), ``scores`` (K,),
+  ``labels`` (K,) and ``image_index`` (K,), ordered by image then decreasing score.
+
+The batch size is dynamic; the image size is the model's. Class names, the input size and the
+post-processing settings go into the ONNX file's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from odkd.boxes import decode
+from odkd.models import SSD
+from odkd.postprocess import postprocess_flat
+
+__all__ = ["DeployedDetector", "export_onnx"]
+
+
+class DeployedDetector(nn.Module):
+    """``forward(images (B, 3, S, S) float RGB 0-255)`` -> raw boxes and scores, or final detections."""
+
+    def __init__(self, model: SSD, postprocess: bool = False, **postprocess_kwargs) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.postprocess = postprocess
+        self.postprocess_kwargs = postprocess_kwargs
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(self.model.preprocessing.normalize(images))
+        if self.postprocess:
+            return tuple(postprocess_flat(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs))
+        return decode(out.loc.float(), self.model.priors).clamp(0.0, 1.0), out.conf.float().softmax(dim=-1)
+
+
+def export_onnx(
+    model: SSD, path: str | os.PathLike, postprocess: bool = False, opset: int = 18, **postprocess_kwargs
+) -> Path:
+    """Write ``model`` as ONNX at ``path`` (see the module docstring); returns the path."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError('ONNX export needs the export extra: pip install -e ".[export]"') from err
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deployed = DeployedDetector(model.cpu().float(), postprocess, **postprocess_kwargs)
+    size = model.image_size
+    outputs = ["boxes", "scores", "labels", "image_index"] if postprocess else ["boxes", "scores"]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    # The exporter and torchvision print graph dumps and deprecation notes while tracing the data-dependent
+    # NMS: keep them, and show them only if the export fails.
+    chatter = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            program = torch.onnx.export(
+                deployed,
+                (torch.rand(2, 3, size, size) * 255,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=outputs,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
+    program.save(str(path))
+    graph = onnx.load(str(path))
+    metadata = {
+        "producer": "odkd",
+        "arch": model.arch,
+        "image_size": str(size),
+        "input": "images: (batch, 3, H, W) float32 RGB pixels 0-255, H = W = image_size",
+        "class_names": json.dumps(list(model.class_names or [f"class{i}" for i in range(1, model.num_classes)])),
+        "postprocess": json.dumps(postprocess_kwargs if postprocess else None),
+    }
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+    return path

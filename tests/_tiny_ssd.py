@@ -1,0 +1,29 @@
+"""Tiny SSDs whose heads are 1x1 convolutions of the (normalised) image itself: outputs are affine in the
+pixels, so tests can set them by hand or get distinct scores everywhere from random weights."""
+
+import torch
+from torch import nn
+
+from odkd.models import IMAGENET, SSD
+from odkd.models.ssd import plain_head
+from odkd.priors import PriorLayout
+
+
+class ImageAsSource(nn.Module):
+    """A 'backbone' whose one source map is its input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.out_channels = (channels,)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+
+def tiny_ssd(size: int, num_classes: int, channels: int = 3, min_size: float = 2.0, max_size: float = 4.0) -> SSD:
+    """One ``size x size`` level with two priors per cell (squares of ``min_size`` and
+    ``sqrt(min_size * max_size)`` pixels on a ``size``-pixel image) and 1x1 plain heads."""
+    layout = PriorLayout(size, (size,), (1,), (min_size,), (max_size,), ((),))
+    conf = nn.ModuleList([plain_head(channels, 2 * num_classes, 1)])
+    loc = nn.ModuleList([plain_head(channels, 2 * 4, 1)])
+    return SSD(ImageAsSource(channels), conf, loc, num_classes=num_classes, layout=layout, preprocessing=IMAGENET)
