@@ -1,4 +1,5 @@
-"""Running a detector over a dataset: batched, bf16 autocast + channels_last on CUDA, with progress."""
+"""Running a detector: over a dataset (batched, with progress) or on single images (:class:`Predictor`).
+On CUDA: bf16 autocast and channels_last."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from odkd.eval import ClassDetections
 from odkd.models import SSD
 from odkd.postprocess import Detections, postprocess
 
-__all__ = ["autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
+__all__ = ["Predictor", "autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -79,3 +80,30 @@ def detect_dataset(
             ids, scores.astype(np.float64), boxes.astype(np.float64)
         )
     return result
+
+
+class Predictor:
+    """``predictor(image (H, W, 3) uint8 RGB) -> Detections`` with boxes in pixels of that image.
+
+    The image goes through the evaluation transform (resize to the model's input), so single images are
+    preprocessed exactly as :func:`detect_dataset` preprocesses a test set. ``postprocess_kwargs`` as
+    :func:`odkd.postprocess.postprocess` (score threshold, NMS threshold, ...).
+    """
+
+    def __init__(self, model: SSD, device: torch.device, **postprocess_kwargs) -> None:
+        self.model = model.eval().to(device)
+        self.device, self.dtype = device, autocast_dtype(device)
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.transform = build_transform(False, model.image_size)
+        self.postprocess_kwargs = postprocess_kwargs
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        height, width = image.shape[:2]
+        tensor, _, _ = self.transform(image, np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))
+        batch = self.model.preprocessing.normalize(tensor[None].to(self.device))
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            out = self.model(batch)
+            det = postprocess(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs)[0]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        return Detections(det.boxes.float().cpu() * scale, det.scores.float().cpu(), det.labels.cpu())

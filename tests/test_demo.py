@@ -1,0 +1,65 @@
+"""demo.py on images, a folder, a video and a corrupt file; Predictor agrees with the evaluation path."""
+
+import re
+
+import cv2
+import numpy as np
+import torch
+
+from odkd.checkpoint import save_model
+from odkd.data import VOCDataset
+from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.voc import read_image
+from odkd.inference import Predictor, detect_dataset
+from odkd.models import build_model
+
+
+def test_predictor_matches_dataset_detection(tmp_path):
+    make_synthetic_voc(tmp_path / "voc", {"test": 2}, seed=3, min_size=120, max_size=200)
+    dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5)
+    # Away from the per-image cap, where near-equal scores of a random model could be cut differently.
+    settings = {"score_threshold": 0.2, "max_detections": 10_000}
+    cpu = torch.device("cpu")
+    per_class = detect_dataset(model, dataset, cpu, batch_size=2, num_workers=0, progress=False, **settings)
+    predictor = Predictor(model, cpu, **settings)
+    for index in range(len(dataset)):
+        image_id = dataset.annotations[index].image_id
+        det = predictor(read_image(dataset.image_path(index)))
+        for label, name in enumerate(SYNTHETIC_CLASSES, start=1):
+            ours = det.boxes[det.labels == label].numpy() + np.array([1, 1, 0, 0])  # devkit pixels are 1-based
+            theirs = per_class[name].boxes[per_class[name].image_ids == image_id]
+            np.testing.assert_allclose(np.sort(ours, axis=0), np.sort(theirs, axis=0), atol=1e-3)
+
+
+def test_demo_draws_images_folders_and_videos(tmp_path, run_script):
+    make_synthetic_voc(tmp_path / "voc", {"test": 3}, seed=4, min_size=120, max_size=200)
+    images = sorted((tmp_path / "voc" / "VOCSYN" / "JPEGImages").glob("*.jpg"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (200, 150))
+    for i in range(4):
+        writer.write(np.full((150, 200, 3), 40 * i, dtype=np.uint8))
+    writer.release()
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5)
+    model.class_names = SYNTHETIC_CLASSES
+    save_model(model, tmp_path / "model.pt")
+    done = run_script(
+        "demo.py", "--checkpoint", tmp_path / "model.pt", "--input", images[0], images[0].parent,
+        tmp_path / "broken.jpg", video, "--output", tmp_path / "out", "--min-score", "0.2", "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(re.findall(r"\.jpg \d+x\d+: [\d.]+ ms, \d+ detections", done.stdout)) == 4  # one file + a folder of 3
+    assert "clip.avi: 4 frames" in done.stdout and re.search(r"8 images on cpu .* [\d.]+ ms per image", done.stdout)
+    assert "broken.jpg: not a readable image" in done.stderr
+    expected = {p.stem + ".jpg" for p in images} | {"clip.mp4"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)
+    written = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    drawn = cv2.imread(str(tmp_path / "out" / images[0].name))
+    assert drawn.shape == cv2.imread(str(images[0])).shape
+    missing = run_script("demo.py", "--checkpoint", tmp_path / "model.pt", "--input", tmp_path / "nowhere",
+                         "--output", tmp_path / "out")  # fmt: skip
+    assert missing.returncode == 1 and "input" in missing.stderr and "does not exist" in missing.stderr
