@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 import yaml
 
+from odkd.data.coco import COCO_CLASSES
 from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.voc import VOC_CLASSES
 
 __all__ = ["DISTILL_METHODS", "Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
 
-CLASS_LISTS = {"voc": VOC_CLASSES, "synthetic": SYNTHETIC_CLASSES}
+CLASS_LISTS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
 
 
 class ConfigError(ValueError):
@@ -48,12 +49,25 @@ class ModelConfig:
 
 
 @dataclass
+class COCOFiles:
+    """A COCO-format dataset: annotation JSON files and the folders their images' file_name are relative to."""
+
+    train_json: str | None = None
+    train_images: str | None = None
+    test_json: str | None = None
+    test_images: str | None = None
+
+
+@dataclass
 class DataConfig:
+    format: Literal["voc", "coco"] = "voc"  # VOC layout (voc_root, *_sets) or COCO JSON (the coco section)
     voc_root: str = "data/synthetic"  # folder that contains VOC<year>/
     train_sets: str = "SYN_trainval"  # e.g. 2007_trainval+2012_trainval
     test_sets: str = "SYN_test"  # e.g. 2007_test
-    classes: str | list[str] = "synthetic"  # "voc", "synthetic", or a list of names
-    synthetic: bool = False  # create the synthetic dataset at voc_root if it is missing
+    coco: COCOFiles = field(default_factory=COCOFiles)
+    # "voc", "coco" (the 80 COCO classes), "synthetic", "dataset" (COCO: the train file's categories), or names
+    classes: str | list[str] = "synthetic"
+    synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
     keep_difficult: bool = False  # keep difficult objects in the training targets
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping
@@ -100,7 +114,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metric: Literal["voc07", "area"] = "voc07"
+    metric: Literal["voc07", "area", "coco"] = "voc07"  # coco: pycocotools AP@[.5:.95] (COCO-format data)
     batch_size: int = 32
     score_threshold: float = 0.01
     nms_threshold: float = 0.45
@@ -200,6 +214,10 @@ class Config:
     @property
     def class_names(self) -> tuple[str, ...]:
         classes = self.data.classes
+        if classes == "dataset":
+            from odkd.data.coco import coco_class_names
+
+            return coco_class_names(self.data.coco.train_json)
         return tuple(CLASS_LISTS[classes]) if isinstance(classes, str) else tuple(classes)
 
     @property
@@ -333,8 +351,18 @@ def _validate(cfg: Config, source: str) -> None:
     problems = []
     if cfg.model.name not in MODELS:
         problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}")
-    if isinstance(cfg.data.classes, str) and cfg.data.classes not in CLASS_LISTS:
-        problems.append(f"data.classes: {cfg.data.classes!r} is neither {sorted(CLASS_LISTS)} nor a list of names")
+    data = cfg.data
+    if isinstance(data.classes, str) and data.classes not in (*CLASS_LISTS, "dataset"):
+        problems.append(f"data.classes: {data.classes!r} is neither {[*CLASS_LISTS, 'dataset']} nor a list of names")
+    coco = data.coco
+    if data.format == "coco" and not (coco.train_json and coco.train_images):
+        problems.append("data.format coco needs data.coco.train_json and data.coco.train_images")
+    if bool(coco.test_json) != bool(coco.test_images):
+        problems.append("data.coco.test_json and data.coco.test_images go together")
+    if data.classes == "dataset" and data.format != "coco":
+        problems.append("data.classes 'dataset' reads the categories of a COCO file: set data.format coco")
+    if cfg.eval.metric == "coco" and data.format != "coco":
+        problems.append("eval.metric coco scores against a COCO annotation file: set data.format coco")
     if cfg.data.batch_size < 1 or cfg.optim.max_iters < 1 or cfg.optim.lr <= 0:
         problems.append("data.batch_size, optim.max_iters and optim.lr must be positive")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:

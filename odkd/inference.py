@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from odkd.data import VOCDataset, build_loader, build_transform
+from odkd.data import DetectionDataset, build_loader, build_transform
 from odkd.eval import ClassDetections
 from odkd.models import SSD
 from odkd.postprocess import Detections, postprocess
 
-__all__ = ["Predictor", "autocast_dtype", "detect", "detect_dataset", "to_devkit_pixels"]
+__all__ = ["Predictor", "autocast_dtype", "detect", "detect_dataset"]
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -23,13 +23,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def to_devkit_pixels(boxes: torch.Tensor, width: int, height: int) -> np.ndarray:
-    """``(K, 4)`` relative x1,y1,x2,y2 -> 1-based inclusive devkit pixels, the inverse of how
-    :class:`odkd.data.VOCDataset` reads annotations (``xmin - 1``, ``xmax`` over the image size)."""
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    return (boxes.float().cpu() * scale + torch.tensor([1.0, 1.0, 0.0, 0.0])).numpy()
 
 
 def detect(
@@ -51,7 +44,7 @@ def detect(
 
 def detect_dataset(
     model: SSD,
-    dataset: VOCDataset,
+    dataset: DetectionDataset,
     device: torch.device,
     batch_size: int = 32,
     num_workers: int = 4,
@@ -59,18 +52,19 @@ def detect_dataset(
     **postprocess_kwargs,
 ) -> dict[str, ClassDetections]:
     """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
-    resize), grouped by class in devkit pixel coordinates, ready for :func:`odkd.eval.evaluate`."""
+    resize), grouped by class in the dataset's pixel coordinates (the VOC devkit's for VOC data), ready for
+    :func:`odkd.eval.evaluate_dataset`."""
     dataset = copy.copy(dataset)  # same annotations, the eval transform
     dataset.transform = build_transform(False, model.image_size)
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
     for index, det in detect(model, loader, device, progress, **postprocess_kwargs):
-        ann = dataset.annotations[index]
-        boxes = to_devkit_pixels(det.boxes, ann.width, ann.height)
+        image_id = dataset.annotations[index].image_id
+        boxes = dataset.to_pixels(det.boxes, index)
         scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
         for label in np.unique(labels):
             keep = labels == label
-            per_class[int(label)].append((ann.image_id, scores[keep], boxes[keep]))
+            per_class[int(label)].append((image_id, scores[keep], boxes[keep]))
     result = {}
     for label, parts in per_class.items():
         ids = np.array([image_id for image_id, scores, _ in parts for _ in range(len(scores))], dtype=str)

@@ -1,4 +1,4 @@
-"""PASCAL VOC AP of detections, exactly as the official devkit computes it.
+"""PASCAL VOC AP of detections exactly as the official devkit computes it, or COCO AP through pycocotools.
 
 From devkit result files (comp4_det_<set>_<class>.txt, devkit pixel coordinates), e.g. another tool's:
 
@@ -11,6 +11,12 @@ writes the devkit result files to --detections, and scores those files the same 
     python scripts/evaluate.py --checkpoint runs/x/best.pt --voc-root VOCdevkit --year 2007 --image-set test \\
         --detections runs/x/results --pr-curves runs/x/pr.png --draw 16
     python scripts/evaluate.py --config configs/demo_teacher_synthetic.yaml --checkpoint runs/demo_teacher/best.pt
+
+COCO-format data (``--coco-json``, or a config with ``data.format: coco``): ``--detections`` is a COCO results
+file (a JSON list of image_id, category_id, bbox, score), scored as it is or written from a model first:
+
+    python scripts/evaluate.py --coco-json instances_val2017.json --detections results.json
+    python scripts/evaluate.py --checkpoint best.pt --coco-json instances_val2017.json --coco-images val2017/
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from odkd.data.voc import VOC_CLASSES, Annotation, DatasetError, load_annotation
 from odkd.eval import (
     METRICS,
     ClassDetections,
+    COCOResult,
     VOCResult,
     evaluate,
-    format_ap_table,
+    evaluate_dataset,
+    format_result,
+    read_coco_results,
     read_devkit_results,
+    write_coco_results,
     write_devkit_results,
 )
 
@@ -42,23 +52,21 @@ def load_ground_truth(voc_root: Path, image_sets: str, class_names: Sequence[str
     return annotations
 
 
-def detections_from_model(args: argparse.Namespace, image_sets: str, class_names: Sequence[str]) -> None:
-    """Run the model of ``--checkpoint`` over the set and write its devkit result files to ``--detections``;
-    optionally draw a grid of images with their detections."""
+def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
+    """The detections of ``--checkpoint`` on ``dataset`` (batched, bf16 on CUDA), grouped by class in the
+    dataset's pixels; optionally a grid of images with their detections."""
     import torch
 
     from odkd.checkpoint import load_model
-    from odkd.data import VOCDataset
     from odkd.inference import detect_dataset
 
     model = load_model(args.checkpoint)
-    if model.num_classes != len(class_names) + 1:
+    if model.num_classes != len(dataset.class_names) + 1:
         raise ValueError(
-            f"{args.checkpoint} predicts {model.num_classes - 1} classes but the class list has {len(class_names)}: "
-            f"pass --classes (or --config) with the classes it was trained on"
+            f"{args.checkpoint} predicts {model.num_classes - 1} classes but the class list has "
+            f"{len(dataset.class_names)}: pass --classes (or --config) with the classes it was trained on"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = VOCDataset(args.voc_root, image_sets, class_names)
     eval_cfg = args.eval_cfg
     detections = detect_dataset(
         model,
@@ -71,10 +79,9 @@ def detections_from_model(args: argparse.Namespace, image_sets: str, class_names
         top_k=eval_cfg.top_k,
         max_detections=eval_cfg.max_detections,
     )
-    paths = write_devkit_results(args.detections, args.set_name, class_names, detections)
-    print(f"wrote {len(paths)} result files to {args.detections}")
     if args.draw:
         draw_grid(dataset, detections, args)
+    return detections
 
 
 def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Namespace) -> None:
@@ -90,7 +97,7 @@ def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Na
         boxes, labels, scores = [], [], []
         for label, name in enumerate(dataset.class_names, start=1):
             mine = detections[name].image_ids == image_id
-            boxes.append(detections[name].boxes[mine] - [1, 1, 0, 0])  # devkit pixels -> 0-based corners
+            boxes.append(detections[name].boxes[mine] - dataset.pixel_offset)  # -> 0-based corners
             labels += [label] * int(mine.sum())
             scores.append(detections[name].scores[mine])
         pictures.append(
@@ -103,20 +110,23 @@ def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Na
                 args.draw_threshold,
             )
         )
-    out = args.draw_output or Path(args.detections) / "detections.jpg"
+    out = args.draw_output or Path(args.detections).with_suffix("") / "detections.jpg"
+    out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), cv2.cvtColor(image_grid(pictures), cv2.COLOR_RGB2BGR))
     print(f"wrote {out}")
 
 
-def report(result: VOCResult, output_json: Path | None, pr_curves: Path | None = None) -> None:
-    """Print the AP table; write ``{"metric", "mAP", "ap"}`` (null for a class without GT) and the
-    precision-recall curves if asked."""
-    print(format_ap_table(result))
+def report(result: VOCResult | COCOResult, output_json: Path | None, pr_curves: Path | None = None) -> None:
+    """Print the AP table; write the result's JSON (``{"metric", "mAP", "ap", ...}``, null for a class without
+    GT) and the precision-recall curves (devkit metrics) if asked."""
+    print(format_result(result))
     if output_json is not None:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(result.to_json(), indent=1) + "\n")
         print(f"wrote {output_json}")
-    if pr_curves is not None:
+    if pr_curves is not None and isinstance(result, COCOResult):
+        print("--pr-curves: the curves come with the devkit metrics (--metric voc07 or area), not coco")
+    elif pr_curves is not None:
         from odkd.visualize import plot_pr_curves
 
         print(f"wrote {plot_pr_curves(result.recall, result.precision, result.ap, pr_curves)}")
@@ -128,11 +138,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="model mode: an odkd model file or training checkpoint")
     parser.add_argument("--config", type=Path, help="model mode: take data and eval settings from this config")
     parser.add_argument("--voc-root", type=Path, help="the folder that contains VOC<year>/")
+    parser.add_argument("--coco-json", type=Path, help="COCO mode: the ground-truth annotation file")
+    parser.add_argument("--coco-images", type=Path, help="COCO mode with --checkpoint: the folder of its images")
     parser.add_argument("--year", help="e.g. 2007")
     parser.add_argument("--image-set", help="e.g. test, val")
-    parser.add_argument("--metric", choices=METRICS, help="voc07: 11-point (default); area: VOC2010+")
+    parser.add_argument(
+        "--metric",
+        choices=[*METRICS, "coco"],
+        help="voc07: 11-point (VOC default); area: VOC2010+; coco (COCO default)",
+    )
     parser.add_argument("--output-json", type=Path, help="write the per-class AP and the mAP here")
-    parser.add_argument("--classes", help="comma-separated class list (default: the 20 VOC classes)")
+    parser.add_argument(
+        "--classes", help="comma-separated class list (default: the 20 VOC classes; COCO: the file's categories)"
+    )
     parser.add_argument("--pr-curves", type=Path, help="save the precision-recall curves to this PNG")
     parser.add_argument("--draw", type=int, default=0, help="model mode: draw the first N images' detections")
     parser.add_argument("--draw-threshold", type=float, default=0.3, help="least score drawn")
@@ -145,11 +163,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     cfg = load_config(args.config) if args.config else None
     args.eval_cfg = cfg.eval if cfg else EvalConfig()
-    args.metric = args.metric or args.eval_cfg.metric
+    args.coco = args.coco_json is not None or (cfg is not None and cfg.data.format == "coco")
     if args.classes:
         args.class_names = tuple(name.strip() for name in args.classes.split(","))
     else:
-        args.class_names = cfg.class_names if cfg else VOC_CLASSES
+        args.class_names = cfg.class_names if cfg else (None if args.coco else VOC_CLASSES)
+    if args.checkpoint is None and (args.detections is None or args.draw):
+        parser.error("without --checkpoint, --detections must name the detections to score (and --draw needs a model)")
+    return _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
+
+
+def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
+    args.metric = args.metric or args.eval_cfg.metric
+    if args.metric == "coco":
+        parser.error("--metric coco scores COCO-format data: give --coco-json")
     args.voc_root = args.voc_root or (Path(cfg.data.voc_root) if cfg else None)
     if args.year and args.image_set:
         args.image_sets = f"{args.year}_{args.image_set}"
@@ -161,21 +188,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give --voc-root (or a --config with data.voc_root)")
     sets = parse_image_sets(args.image_sets)
     args.set_name = sets[0][1] if len(sets) == 1 else args.image_sets
-    if args.checkpoint is None and (args.detections is None or args.draw):
-        parser.error("without --checkpoint, --detections must name a folder of result files (and --draw needs a model)")
     if args.detections is None:
         args.detections = args.checkpoint.parent / f"results_{args.checkpoint.stem}"
     return args
 
 
+def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
+    args.metric = args.metric or "coco"
+    coco = cfg.data.coco if cfg is not None else None
+    args.coco_json = args.coco_json or (Path(coco.test_json) if coco and coco.test_json else None)
+    args.coco_images = args.coco_images or (Path(coco.test_images) if coco and coco.test_images else None)
+    if args.coco_json is None:
+        parser.error("COCO mode needs --coco-json (or a --config with data.coco.test_json)")
+    if args.checkpoint is not None and args.coco_images is None:
+        parser.error("running a model on COCO data needs --coco-images (or data.coco.test_images)")
+    if args.detections is None:
+        args.detections = args.checkpoint.parent / f"results_{args.checkpoint.stem}.json"
+    return args
+
+
+def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
+    """COCO mode: run the model and write its results file (with --checkpoint), then score the results file."""
+    from odkd.data.coco import COCODataset
+
+    dataset = COCODataset(args.coco_json, args.coco_images or args.coco_json.parent, args.class_names)
+    if args.checkpoint is not None:
+        print(f"wrote {write_coco_results(run_model(args, dataset), dataset, args.detections)}")
+    return evaluate_dataset(read_coco_results(args.detections, dataset), dataset, args.metric)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
-        annotations = load_ground_truth(args.voc_root, args.image_sets, args.class_names)
-        if args.checkpoint is not None:
-            detections_from_model(args, args.image_sets, args.class_names)
-        detections = read_devkit_results(args.detections, args.set_name, args.class_names)
-        result = evaluate(detections, annotations, args.class_names, args.metric)
+        if args.coco:
+            result = evaluate_coco_data(args)
+        else:
+            annotations = load_ground_truth(args.voc_root, args.image_sets, args.class_names)
+            if args.checkpoint is not None:
+                from odkd.data import VOCDataset
+
+                dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names)
+                paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
+                print(f"wrote {len(paths)} result files to {args.detections}")
+            detections = read_devkit_results(args.detections, args.set_name, args.class_names)
+            result = evaluate(detections, annotations, args.class_names, args.metric)
     except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
     report(result, args.output_json, args.pr_curves)

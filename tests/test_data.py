@@ -58,7 +58,7 @@ def test_image_set_unions(tmp_path):
     write_voc(tmp_path, {"a": (10, 10, [("cat", (1, 1, 5, 5), 0)])}, year="2007")
     write_voc(tmp_path, {"b": (10, 10, []), "c": (10, 10, [])}, year="2012", split="trainval")
     dataset = VOCDataset(tmp_path, "2007_trainval+2012_trainval", CLASSES)
-    assert [image_id for _, image_id in dataset.items] == ["a", "b", "c"]
+    assert [a.image_id for a in dataset.annotations] == ["a", "b", "c"]
     assert dataset[1]["boxes"].shape == (0, 4)
     assert parse_image_sets("2007_trainval+MY-DATA_val") == [("2007", "trainval"), ("MY-DATA", "val")]
     with pytest.raises(ValueError, match="<year>_<set>"):
@@ -84,7 +84,7 @@ def test_bad_annotations_name_the_file(tmp_path, xml, problem):
     assert "bad.xml" in str(err.value) and problem in str(err.value)
     with pytest.warns(UserWarning, match="skipped 1 of 2 images"):
         dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, skip_invalid=True)
-    assert [image_id for _, image_id in dataset.items] == ["good"]
+    assert [a.image_id for a in dataset.annotations] == ["good"]
 
 
 def test_bad_images_name_the_file(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from odkd.data import VOCDataset
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
-from odkd.inference import detect_dataset, to_devkit_pixels
+from odkd.inference import detect_dataset
 from odkd.models import build_model
 
 
@@ -13,11 +13,12 @@ def test_devkit_pixels_invert_the_dataset_reading(tmp_path):
     make_synthetic_voc(tmp_path, {"test": 6}, seed=3)
     dataset = VOCDataset(tmp_path, "SYN_test", SYNTHETIC_CLASSES, keep_difficult=True)
     for i in range(len(dataset)):
-        ann = dataset.annotations[i]
         relative = dataset[i]["boxes"]
-        np.testing.assert_allclose(to_devkit_pixels(relative, ann.width, ann.height), ann.boxes, atol=1e-4)
-    # By hand: a 200x100 image, relative (0, 0.1, 0.5, 1) -> xmin 1, ymin 11, xmax 100, ymax 100.
-    np.testing.assert_allclose(to_devkit_pixels(torch.tensor([[0.0, 0.1, 0.5, 1.0]]), 200, 100), [[1, 11, 100, 100]])
+        np.testing.assert_allclose(dataset.to_pixels(relative, i), dataset.annotations[i].boxes, atol=1e-4)
+    # By hand: on a W x H image, relative (0, 0.1, 0.5, 1) -> xmin 1, ymin 0.1 H + 1, xmax W / 2, ymax H.
+    w, h = dataset.annotations[0].width, dataset.annotations[0].height
+    expected = [[1, 0.1 * h + 1, w / 2, h]]
+    np.testing.assert_allclose(dataset.to_pixels(torch.tensor([[0.0, 0.1, 0.5, 1.0]]), 0), expected, atol=1e-4)
 
 
 def test_detect_dataset_groups_detections_by_class(tmp_path):
@@ -30,7 +31,7 @@ def test_detect_dataset_groups_detections_by_class(tmp_path):
     total = 0
     for ids, scores, boxes in detections.values():
         assert len(ids) == len(scores) == len(boxes)
-        assert set(ids) <= {image_id for _, image_id in dataset.items}
+        assert set(ids) <= {a.image_id for a in dataset.annotations}
         assert (scores > 0.01).all() and (boxes[:, 2] >= boxes[:, 0]).all()
         total += len(ids)
     assert 0 < total <= 5 * 200  # at most 200 detections per image

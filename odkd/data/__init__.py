@@ -1,13 +1,15 @@
 """Datasets, augmentation and loading."""
 
+from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
 from odkd.data.loader import IterationSampler, build_loader, collate
 from odkd.data.transforms import build_transform
-from odkd.data.voc import VOC_CLASSES, Annotation, DatasetError, VOCDataset, load_annotations, parse_annotation
+from odkd.data.voc import VOC_CLASSES, VOCDataset, load_annotations, parse_annotation
 
 __all__ = [
     "VOC_CLASSES",
     "Annotation",
     "DatasetError",
+    "DetectionDataset",
     "IterationSampler",
     "VOCDataset",
     "build_loader",
@@ -15,4 +17,5 @@ __all__ = [
     "collate",
     "load_annotations",
     "parse_annotation",
+    "read_image",
 ]

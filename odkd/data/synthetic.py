@@ -10,15 +10,17 @@ seed always gives the same files. Tests, the demo and the benchmarks use it like
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["SYNTHETIC_CLASSES", "make_synthetic_voc"]
+__all__ = ["COCO_CATEGORY_IDS", "SYNTHETIC_CLASSES", "make_synthetic_coco", "make_synthetic_voc"]
 
 SYNTHETIC_CLASSES = ("disc", "block", "triangle", "ring", "cross")
 # Per class: RGB colour and the range of the object's size as a fraction of the image's shorter side.
@@ -121,6 +123,23 @@ def _draw_area(name: str, box: tuple[int, int, int, int]) -> int:
     return int(mask.sum())
 
 
+def _synthetic_images(splits: dict[str, int], seed: int, min_size: int, max_size: int) -> Iterator[tuple]:
+    """``(split, image id, image RGB, width, height, objects)`` for every image of every split, in order."""
+    rng = np.random.default_rng(seed)
+    counter = 0
+    for split, count in splits.items():
+        for _ in range(count):
+            image_id = f"{counter:06d}"
+            counter += 1
+            yield (split, image_id, *_make_image(rng, min_size, max_size))
+
+
+def _up_to_date(folder: Path, settings: dict) -> bool:
+    """Whether ``folder`` already holds a dataset written with exactly these ``settings``."""
+    marker = folder / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == settings
+
+
 def make_synthetic_voc(
     root: str | os.PathLike,
     splits: dict[str, int] | None = None,
@@ -137,22 +156,63 @@ def make_synthetic_voc(
     splits = dict(splits or {"trainval": 400, "test": 100})
     folder = Path(root) / f"VOC{year}"
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
-    marker = folder / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
+    if _up_to_date(folder, settings):
         return folder
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    counter = 0
-    for split, count in splits.items():
-        ids = []
-        for _ in range(count):
-            image_id = f"{counter:06d}"
-            counter += 1
-            image, width, height, objects = _make_image(rng, min_size, max_size)
-            cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            (folder / "Annotations" / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
-            ids.append(image_id)
-        (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    marker.write_text(json.dumps(settings))
+    ids: dict[str, list[str]] = {split: [] for split in splits}
+    for split, image_id, image, width, height, objects in _synthetic_images(splits, seed, min_size, max_size):
+        cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        (folder / "Annotations" / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
+        ids[split].append(image_id)
+    for split, split_ids in ids.items():
+        (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+    (folder / _MARKER).write_text(json.dumps(settings))
     return folder
+
+
+# COCO category ids of the five classes: not 1..5, so the id -> label mapping is exercised.
+COCO_CATEGORY_IDS = (3, 8, 11, 17, 24)
+
+
+def make_synthetic_coco(
+    root: str | os.PathLike,
+    splits: dict[str, int] | None = None,
+    seed: int = 0,
+    min_size: int = 240,
+    max_size: int = 360,
+) -> Path:
+    """The same images as :func:`make_synthetic_voc` in COCO format: ``root/images/<id>.jpg`` and
+    ``root/annotations/instances_<split>.json`` (image ids from 1, category ids :data:`COCO_CATEGORY_IDS`;
+    VOC's difficult objects are ordinary objects here). Returns ``root``; nothing is written again if it
+    already holds this dataset."""
+    splits = dict(splits or {"trainval": 400, "test": 100})
+    root = Path(root)
+    settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
+    if _up_to_date(root, settings):
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    category_of = dict(zip(SYNTHETIC_CLASSES, COCO_CATEGORY_IDS, strict=True))
+    categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in category_of.items()]
+    files = {split: {"images": [], "annotations": [], "categories": categories} for split in splits}
+    annotation_ids = itertools.count(1)
+    for split, image_id, image, width, height, objects in _synthetic_images(splits, seed, min_size, max_size):
+        cv2.imwrite(str(root / "images" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        coco_id = int(image_id) + 1
+        files[split]["images"].append({"id": coco_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
+        for name, (x1, y1, x2, y2), _ in objects:
+            files[split]["annotations"].append(
+                {
+                    "id": next(annotation_ids),
+                    "image_id": coco_id,
+                    "category_id": category_of[name],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],  # 0-based pixels; x2 is exclusive
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    for split, content in files.items():
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
+    (root / _MARKER).write_text(json.dumps(settings))
+    return root

@@ -24,13 +24,11 @@ import os
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
 
 __all__ = [
     "VOC_CLASSES",
@@ -49,43 +47,6 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 CACHE_VERSION = 1
-
-
-class DatasetError(ValueError):
-    """A problem with a dataset file; the message names the file."""
-
-
-@dataclass
-class Annotation:
-    """One image's objects as the XML gives them (pixel coordinates, 1-based as in the devkit)."""
-
-    image_id: str
-    width: int
-    height: int
-    boxes: np.ndarray  # (n, 4) float32 xmin, ymin, xmax, ymax
-    labels: np.ndarray  # (n,) int64 class index, 1..C (0 is background)
-    difficult: np.ndarray  # (n,) bool
-
-    def to_json(self) -> dict:
-        return {
-            "image_id": self.image_id,
-            "width": self.width,
-            "height": self.height,
-            "boxes": self.boxes.tolist(),
-            "labels": self.labels.tolist(),
-            "difficult": self.difficult.tolist(),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> Annotation:
-        return cls(
-            d["image_id"],
-            d["width"],
-            d["height"],
-            np.asarray(d["boxes"], dtype=np.float32).reshape(-1, 4),
-            np.asarray(d["labels"], dtype=np.int64),
-            np.asarray(d["difficult"], dtype=bool),
-        )
 
 
 def _text(node: ET.Element, tag: str, path: Path) -> str:
@@ -221,23 +182,8 @@ def load_annotations(
     return items, annotations
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing or not a readable image."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"{path}: not a readable image (corrupt or truncated JPEG?)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-class VOCDataset(Dataset):
-    """VOC-format detection dataset.
-
-    Each item is a dict: ``image`` (whatever ``transform`` returns; without a transform ``(H, W, 3)``
-    uint8 RGB), ``boxes`` ``(n, 4)`` float32 x1,y1,x2,y2 relative to the (transformed) image,
-    ``labels`` ``(n,)`` int64 in 1..C, and ``index`` (the item's position, to look up its annotation).
+class VOCDataset(DetectionDataset):
+    """VOC-format detection dataset (items as :class:`DetectionDataset`).
 
     Args:
         root: folder containing ``VOC<year>/``.
@@ -250,6 +196,8 @@ class VOCDataset(Dataset):
         cache_dir: where the annotation cache goes (default ``root/.odkd_cache``).
     """
 
+    pixel_offset = (1.0, 1.0, 0.0, 0.0)  # the devkit counts pixels from 1: xmin = 1 is the left edge
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -261,67 +209,10 @@ class VOCDataset(Dataset):
         check_images: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
+        super().__init__(class_names, transform, keep_difficult)
         self.root = Path(root)
-        self.class_names = tuple(class_names)
-        self.transform = transform
-        self.keep_difficult = keep_difficult
         items, annotations = load_annotations(self.root, image_sets, self.class_names, cache_dir)
-        self.items: list[tuple[str, str]] = []
-        self.annotations: list[Annotation] = []
-        skipped = 0
-        for (year, image_id), ann in zip(items, annotations, strict=True):
-            problem = ann if isinstance(ann, DatasetError) else None
-            if problem is None and check_images:
-                try:
-                    read_image(self._image_path(year, image_id))
-                except DatasetError as err:
-                    problem = err
-            if problem is not None:
-                if not skip_invalid:
-                    raise problem
-                warnings.warn(f"skipping {image_id}: {problem}", stacklevel=2)
-                skipped += 1
-                continue
-            self.items.append((year, image_id))
-            self.annotations.append(ann)
-        if skipped:
-            warnings.warn(f"{image_sets}: skipped {skipped} of {len(items)} images with bad data", stacklevel=2)
-        if not self.items:
-            raise DatasetError(f"{self.root}: image set {image_sets} holds no usable images")
-
-    def _image_path(self, year: str, image_id: str) -> Path:
-        return self.root / f"VOC{year}" / "JPEGImages" / f"{image_id}.jpg"
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def image_path(self, index: int) -> Path:
-        return self._image_path(*self.items[index])
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """``key``: an index, or ``(index, seed)`` to seed the augmentation of this item (what
-        :class:`odkd.data.IterationSampler` yields, so training is reproducible and resumable)."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is not None and self.transform is not None:
-            self.transform.set_seed(seed)
-        ann = self.annotations[index]
-        image = read_image(self.image_path(index))
-        if image.shape[:2] != (ann.height, ann.width):
-            raise DatasetError(
-                f"{self.image_path(index)}: image is {image.shape[1]}x{image.shape[0]} but its annotation "
-                f"says {ann.width}x{ann.height}"
-            )
-        keep = np.ones(len(ann.labels), dtype=bool) if self.keep_difficult else ~ann.difficult
-        # VOC pixels are 1-based and inclusive: xmin=1 is the left edge of the image.
-        boxes = ann.boxes[keep] - np.array([1, 1, 0, 0], dtype=np.float32)
-        labels = ann.labels[keep]
-        if self.transform is not None:
-            image, boxes, labels = self.transform(image, boxes, labels)
-        else:
-            boxes = boxes / np.array([ann.width, ann.height] * 2, dtype=np.float32)
-        return {
-            "image": image,
-            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.as_tensor(labels, dtype=torch.int64),
-            "index": index,
-        }
+        paths = [self.root / f"VOC{year}" / "JPEGImages" / f"{image_id}.jpg" for year, image_id in items]
+        self._keep(
+            zip(paths, annotations, strict=True), skip_invalid, check_images, f"{self.root}: image set {image_sets}"
+        )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from odkd.checkpoint import init_from_checkpoint
 from odkd.config import Config
-from odkd.data import VOCDataset, build_transform
-from odkd.data.synthetic import make_synthetic_voc
+from odkd.data import DetectionDataset, VOCDataset, build_transform
+from odkd.data.coco import COCODataset
+from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
@@ -45,21 +47,29 @@ def build_detector(cfg: Config) -> SSD:
     return model
 
 
-def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[VOCDataset, VOCDataset | None]:
-    """Train set with SSD augmentation to the model's input size, and the test set (None if not set)."""
+def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDataset, DetectionDataset | None]:
+    """Train set with SSD augmentation to the model's input size, and the test set (None if not set);
+    VOC- or COCO-format as ``data.format`` says."""
     data = cfg.data
     if data.synthetic:
         if info.is_main:  # one process writes, the others wait for it
-            make_synthetic_voc(data.voc_root, data.synthetic_sizes)
+            if data.format == "coco":
+                make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes)
+            else:
+                make_synthetic_voc(data.voc_root, data.synthetic_sizes)
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
+    transform = build_transform(True, model.image_size, mean=mean)
     common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid}
+    if data.format == "coco":
+        coco = data.coco
+        train_set = COCODataset(
+            coco.train_json, coco.train_images, transform=transform, keep_difficult=data.keep_difficult, **common
+        )
+        test_set = COCODataset(coco.test_json, coco.test_images, **common) if coco.test_json else None
+        return train_set, test_set
     train_set = VOCDataset(
-        data.voc_root,
-        data.train_sets,
-        transform=build_transform(True, model.image_size, mean=mean),
-        keep_difficult=data.keep_difficult,
-        **common,
+        data.voc_root, data.train_sets, transform=transform, keep_difficult=data.keep_difficult, **common
     )
     test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
     return train_set, test_set
@@ -105,11 +115,15 @@ def run_training(
 
 def summary(cfg: Config, result: TrainResult, headline: str) -> str:
     """What a training script prints at the end: the mAP and where the files are."""
-    lines = [f"\n{headline}: {result.iteration} iterations on {cfg.data.voc_root} {cfg.data.train_sets}"]
+    data = cfg.data
+    train, test = (
+        (data.coco.train_json, data.coco.test_json)
+        if data.format == "coco"
+        else (f"{data.voc_root} {data.train_sets}", data.test_sets)
+    )
+    lines = [f"\n{headline}: {result.iteration} iterations on {train}"]
     if result.last_map is not None:
-        lines.append(
-            f"{cfg.eval.metric} mAP on {cfg.data.test_sets}: last {result.last_map:.4f}, best {result.best_map:.4f}"
-        )
+        lines.append(f"{cfg.eval.metric} mAP on {test}: last {result.last_map:.4f}, best {result.best_map:.4f}")
     for label, path in (
         ("best model", result.best_model),
         ("final model", result.final_model),

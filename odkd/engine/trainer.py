@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from odkd.checkpoint import atomic_save, save_model
 from odkd.config import Config, config_to_dict, save_config, scaled_lr
-from odkd.data import VOCDataset, build_loader
+from odkd.data import DetectionDataset, build_loader
 from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
@@ -65,8 +65,8 @@ class Trainer:
         self,
         cfg: Config,
         task: nn.Module,
-        train_set: VOCDataset,
-        test_set: VOCDataset | None = None,
+        train_set: DetectionDataset,
+        test_set: DetectionDataset | None = None,
         info: DistInfo | None = None,
         progress: bool = True,
     ) -> None:
@@ -166,7 +166,7 @@ class Trainer:
         """mAP of the model (its EMA when enabled) on the test set; main process only."""
         if self.test_set is None or not self.info.is_main:
             return None
-        from odkd.eval import evaluate, format_ap_table
+        from odkd.eval import evaluate_dataset, format_result
 
         model = self.ema.module if self.ema is not None else self.model
         cfg = self.cfg.eval
@@ -182,10 +182,10 @@ class Trainer:
             top_k=cfg.top_k,
             max_detections=cfg.max_detections,
         )
-        result = evaluate(detections, self.test_set.annotations, self.test_set.class_names, metric=cfg.metric)
+        result = evaluate_dataset(detections, self.test_set, cfg.metric)
         self.model.train()
-        log.info("iteration %d, %s mAP %.4f\n%s", self.iteration, cfg.metric, result.mAP, format_ap_table(result))
-        self._log({"iter": self.iteration, "mAP": result.mAP, "ap": result.ap})
+        log.info("iteration %d, %s mAP %.4f\n%s", self.iteration, cfg.metric, result.mAP, format_result(result))
+        self._log({"iter": self.iteration, **result.to_json()})
         self.last_map = result.mAP
         if self.best_map is None or result.mAP > self.best_map:
             self.best_map = result.mAP

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from odkd.data.voc import Annotation
+from odkd.data.dataset import Annotation
 
 __all__ = [
     "METRICS",

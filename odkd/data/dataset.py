@@ -1,0 +1,160 @@
+"""What every detection dataset shares: annotations in memory, images read on demand, the item format.
+
+A dataset (VOC- or COCO-format) fills ``image_paths``, ``annotations`` (one :class:`Annotation` per
+image, pixel boxes in the format's own convention) and ``class_names``; this class turns them into
+training/evaluation items. ``pixel_offset`` is what the format adds to 0-based pixel coordinates (the
+VOC devkit counts pixels from 1: ``(1, 1, 0, 0)``; COCO from 0), so boxes become relative to the
+image here and detections go back to the format's pixels with the same offset.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["Annotation", "DatasetError", "DetectionDataset", "read_image"]
+
+
+class DatasetError(ValueError):
+    """A problem with a dataset file; the message names the file."""
+
+
+@dataclass
+class Annotation:
+    """One image's objects in the pixel coordinates of its format."""
+
+    image_id: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (n, 4) float32 xmin, ymin, xmax, ymax
+    labels: np.ndarray  # (n,) int64 class index, 1..C (0 is background)
+    difficult: np.ndarray  # (n,) bool: VOC "difficult", COCO "iscrowd": not trained on, ignored by evaluation
+
+    def to_json(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "width": self.width,
+            "height": self.height,
+            "boxes": self.boxes.tolist(),
+            "labels": self.labels.tolist(),
+            "difficult": self.difficult.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Annotation:
+        return cls(
+            d["image_id"],
+            d["width"],
+            d["height"],
+            np.asarray(d["boxes"], dtype=np.float32).reshape(-1, 4),
+            np.asarray(d["labels"], dtype=np.int64),
+            np.asarray(d["difficult"], dtype=bool),
+        )
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing or not a readable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file does not exist")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"{path}: not a readable image (corrupt or truncated JPEG?)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class DetectionDataset(Dataset):
+    """Items are dicts: ``image`` (whatever ``transform`` returns; without a transform ``(H, W, 3)`` uint8
+    RGB), ``boxes`` ``(n, 4)`` float32 x1,y1,x2,y2 relative to the (transformed) image, ``labels``
+    ``(n,)`` int64 in 1..C, and ``index`` (the item's position, to look up its annotation).
+
+    Subclasses call :meth:`_keep` with their images and annotations (or the error each raised).
+    """
+
+    pixel_offset: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def __init__(self, class_names: Sequence[str], transform: Callable | None, keep_difficult: bool) -> None:
+        self.class_names = tuple(class_names)
+        self.transform = transform
+        self.keep_difficult = keep_difficult
+        self.image_paths: list[Path] = []
+        self.annotations: list[Annotation] = []
+
+    def _keep(
+        self,
+        found: Iterable[tuple[Path, Annotation | DatasetError]],
+        skip_invalid: bool,
+        check_images: bool,
+        what: str,
+    ) -> None:
+        """Keep the images whose annotation parsed (and, with ``check_images``, whose file reads); a
+        problem raises, or with ``skip_invalid`` leaves the image out with a warning and a count."""
+        skipped = total = 0
+        for path, ann in found:
+            total += 1
+            problem = ann if isinstance(ann, DatasetError) else None
+            if problem is None and check_images:
+                try:
+                    read_image(path)
+                except DatasetError as err:
+                    problem = err
+            if problem is not None:
+                if not skip_invalid:
+                    raise problem
+                warnings.warn(f"skipping {path.stem}: {problem}", stacklevel=3)
+                skipped += 1
+                continue
+            self.image_paths.append(path)
+            self.annotations.append(ann)
+        if skipped:
+            warnings.warn(f"{what}: skipped {skipped} of {total} images with bad data", stacklevel=3)
+        if not self.annotations:
+            raise DatasetError(f"{what} holds no usable images")
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_paths[index]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, seed)`` to seed the augmentation of this item (what
+        :class:`odkd.data.IterationSampler` yields, so training is reproducible and resumable)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and self.transform is not None:
+            self.transform.set_seed(seed)
+        ann = self.annotations[index]
+        image = read_image(self.image_paths[index])
+        if image.shape[:2] != (ann.height, ann.width):
+            raise DatasetError(
+                f"{self.image_paths[index]}: image is {image.shape[1]}x{image.shape[0]} but its annotation "
+                f"says {ann.width}x{ann.height}"
+            )
+        keep = np.ones(len(ann.labels), dtype=bool) if self.keep_difficult else ~ann.difficult
+        boxes = ann.boxes[keep] - np.array(self.pixel_offset, dtype=np.float32)  # 0-based pixels
+        labels = ann.labels[keep]
+        if self.transform is not None:
+            image, boxes, labels = self.transform(image, boxes, labels)
+        else:
+            boxes = boxes / np.array([ann.width, ann.height] * 2, dtype=np.float32)
+        return {
+            "image": image,
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(labels, dtype=torch.int64),
+            "index": index,
+        }
+
+    def to_pixels(self, boxes: torch.Tensor, index: int) -> np.ndarray:
+        """``(K, 4)`` x1,y1,x2,y2 relative to image ``index`` -> float64 pixels of this format (the inverse
+        of how items are made)."""
+        ann = self.annotations[index]
+        scale = torch.tensor([ann.width, ann.height] * 2, dtype=torch.float64)
+        return (boxes.double().cpu() * scale + torch.tensor(self.pixel_offset, dtype=torch.float64)).numpy()
