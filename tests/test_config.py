@@ -54,15 +54,22 @@ def test_bad_configs_name_the_key(override, message):
         load_config(None, [override])
 
 
-def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "missing.yaml")
-    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match=r"list\.yaml: a config is a mapping"):
-        load_config(tmp_path / "list.yaml")
-    (tmp_path / "broken.yaml").write_text("model: [\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(tmp_path / "broken.yaml")
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, r"run\.yaml does not exist"),
+        ({"run.yaml": "- 1\n- 2\n"}, r"run\.yaml: a config is a mapping"),
+        ({"run.yaml": "model: [\n"}, "not valid YAML"),
+        ({"run.yaml": "base: b.yaml\n", "b.yaml": "base: run.yaml\n"}, "cycle"),
+        ({"run.yaml": "base: nowhere.yaml\n"}, r"nowhere\.yaml does not exist"),
+        ({"run.yaml": "base: [a.yaml]\n"}, "base must be the path"),
+    ],
+)
+def test_bad_files(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "run.yaml")
 
 
 def test_linear_lr_scaling():
@@ -86,19 +93,6 @@ def test_base_files_merge_section_by_section(tmp_path):
     assert (cfg.distill.chen2017.mu, cfg.distill.chen2017.gamma) == (0.9, 0.1)  # merged key by key
     settings = cfg.distill.method_settings()
     assert list(settings) == ["chen2017", "fgd"] and settings["fgd"]["alpha"] == 0.5
-
-
-def test_bad_base_files(tmp_path):
-    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
-    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ConfigError, match="cycle"):
-        load_config(tmp_path / "a.yaml")
-    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match=r"nowhere\.yaml does not exist"):
-        load_config(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
-    with pytest.raises(ConfigError, match="base must be the path"):
-        load_config(tmp_path / "d.yaml")
 
 
 def test_every_distillation_method_has_a_config_section():
