@@ -154,3 +154,35 @@ def test_distill_script_exports_the_student_only(tmp_path, run_script):
 
     missing = run_script("distill.py", "--teacher", tmp_path / "nowhere.pt", f"data.voc_root={tmp_path / 'voc'}")
     assert missing.returncode == 1 and "teacher" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_distillation_resumes_exactly(tmp_path):
+    """chen2017 (mu ramp) + fgd: adapters, context blocks and the iteration count come back exactly."""
+    from odkd.engine.build import build_trainer
+
+    make_synthetic_voc(tmp_path / "voc", {"trainval": 8, "test": 2}, seed=1, min_size=100, max_size=160)
+    torch.manual_seed(0)
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.75), tmp_path / "teacher.pt")
+    cfg = load_config(
+        None,
+        [
+            "model.width_mult=0.5", f"data.voc_root={tmp_path / 'voc'}", "data.batch_size=2", "data.num_workers=0",
+            "data.test_sets=''", "optim.max_iters=4", "optim.warmup_iters=1", f"train.output_dir={tmp_path / 'run'}",
+            "train.checkpoint_every=2", "train.keep_last=5", f"distill.teacher={tmp_path / 'teacher.pt'}",
+            "distill.methods=[chen2017, fgd]", "distill.chen2017.mu_end=0.5", "distill.chen2017.mu_ramp_iters=4",
+        ],
+    )  # fmt: skip
+
+    def trainer():
+        return build_trainer(cfg, "cpu", lambda model: build_distillation_task(cfg, model), progress=False)
+
+    straight = trainer()
+    straight.fit()
+    resumed = trainer()
+    resumed.fit(resume=tmp_path / "run" / "checkpoint_0000002.pt")
+    assert resumed.iteration == 4 and resumed.task.iteration == straight.task.iteration == 4
+    a, b = straight.task.state_dict(), resumed.task.state_dict()
+    assert any(k.startswith("distillers.fgd.student_context") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k])), [
+        k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])
+    ][:5]
