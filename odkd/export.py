@@ -17,6 +17,7 @@ post-processing settings go into the ONNX file's metadata.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -60,7 +61,7 @@ def export_onnx(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    deployed = DeployedDetector(model.cpu().float(), postprocess, **postprocess_kwargs)
+    deployed = DeployedDetector(copy.deepcopy(model).cpu().float(), postprocess, **postprocess_kwargs).eval()
     size = model.image_size
     outputs = ["boxes", "scores", "labels", "image_index"] if postprocess else ["boxes", "scores"]
     batch = torch.export.Dim("batch", min=1, max=1024)

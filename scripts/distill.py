@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--resume", help="a training checkpoint, or 'auto' for the latest in train.output_dir")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
     try:
         cfg = load_config(args.config, overrides)

@@ -151,21 +151,28 @@ def test_evaluate_script_in_coco_mode(coco_root, tmp_path, run_script):
     assert bad.returncode == 1 and "results file does not exist" in bad.stderr
 
 
-def test_training_on_coco_data(tmp_path, run_script):
+def test_training_and_distilling_on_coco_data(tmp_path, run_script):
     root = tmp_path / "coco"
-    done = run_script(
-        "train_teacher.py", "--config", "configs/demo_coco_synthetic.yaml", "--device", "cpu",
+    data = [
+        "--config", "configs/demo_coco_synthetic.yaml", "--device", "cpu",
         f"data.coco.train_json={root}/annotations/instances_trainval.json", f"data.coco.train_images={root}/images",
         f"data.coco.test_json={root}/annotations/instances_test.json", f"data.coco.test_images={root}/images",
-        "data.synthetic_sizes={trainval: 6, test: 3}", "model.width_mult=0.5", "data.batch_size=2",
-        "data.num_workers=0", "optim.max_iters=2", "optim.warmup_iters=1", f"train.output_dir={tmp_path / 'run'}",
-        "train.eval_every=2", "train.checkpoint_every=2", "eval.batch_size=3",
-    )  # fmt: skip
+        "data.synthetic_sizes={trainval: 6, test: 3}", "data.batch_size=2", "data.num_workers=0",
+        "optim.max_iters=2", "optim.warmup_iters=1", "train.eval_every=2", "train.checkpoint_every=2",
+        "eval.batch_size=3",
+    ]  # fmt: skip
+    done = run_script("train_teacher.py", *data, "model.width_mult=0.75", f"train.output_dir={tmp_path / 'teacher'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"coco mAP on {root}/annotations/instances_test.json" in done.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
     evaluation = next(r for r in records if "mAP" in r)
     assert evaluation["metric"] == "coco" and set(evaluation["stats"]) >= {"AP", "AP50", "AP75", "AP_small"}
+    done = run_script(
+        "distill.py", *data, "model.width_mult=0.5", "--teacher", tmp_path / "teacher" / "best.pt",
+        "distill.methods=[crosskd, fgd]", f"train.output_dir={tmp_path / 'student'}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "(crosskd + fgd)" in done.stdout and "coco mAP on" in done.stdout
     train_json = f"data.coco.train_json={root}/annotations/instances_trainval.json"
     cfg = load_config("configs/demo_coco_synthetic.yaml", [train_json, "data.classes=dataset"])
     assert cfg.class_names == SYNTHETIC_CLASSES
