@@ -73,6 +73,7 @@ class DataConfig:
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping
     batch_size: int = 32  # per process
     num_workers: int = 4
+    cache_dir: str | None = None  # decode the train images once into a file here (VOC07+12: ~9 GB) and read that
 
 
 @dataclass

@@ -292,6 +292,7 @@ def bench_eval(args: argparse.Namespace) -> None:
 
 def bench_loader(args: argparse.Namespace) -> None:
     from odkd.data import VOCDataset, build_loader, build_transform
+    from odkd.data.image_cache import ImageCache
     from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
 
     # VOC-like image sizes (VOC photos are mostly 500 x 375-500) and JPEG decoding.
@@ -302,18 +303,27 @@ def bench_loader(args: argparse.Namespace) -> None:
         f"{len(dataset)} images of 375-500 px; {os.cpu_count()} CPUs"
     )
     start = time.perf_counter()
-    for i in range(args.images):
-        dataset[(i, i)]
-    per_core = args.images / (time.perf_counter() - start)
-    print(f"one process (one core)      {per_core:8.1f} images/s")
-    for workers in args.workers:
-        loader = build_loader(dataset, args.batch, train=True, num_workers=workers, max_iters=args.batches)
-        iterator = iter(loader)
-        next(iterator)  # worker start-up is not throughput
+    cache = ImageCache.for_dataset(Path(args.root) / "cache", dataset, workers=max(args.workers), progress=False)
+    size = cache.path.stat().st_size / 2**20
+    print(f"decoded-image cache: {size:.0f} MiB, ready in {time.perf_counter() - start:.1f} s")
+    for source in ("JPEG files", "decoded cache"):
+        dataset.image_cache = cache if source == "decoded cache" else None
         start = time.perf_counter()
-        count = sum(batch["images"].shape[0] for batch in iterator)
-        rate = count / (time.perf_counter() - start)
-        print(f"DataLoader, {workers:2d} workers      {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per worker)")
+        for i in range(args.images):
+            dataset[(i, i)]
+        per_core = args.images / (time.perf_counter() - start)
+        print(f"{source:14s} one process (one core)  {per_core:8.1f} images/s")
+        for workers in args.workers:
+            loader = build_loader(dataset, args.batch, train=True, num_workers=workers, max_iters=args.batches)
+            iterator = iter(loader)
+            next(iterator)  # worker start-up is not throughput
+            start = time.perf_counter()
+            count = sum(batch["images"].shape[0] for batch in iterator)
+            rate = count / (time.perf_counter() - start)
+            print(
+                f"{source:14s} DataLoader, {workers:2d} workers  {rate:8.1f} images/s "
+                f"({rate / max(workers, 1):.1f} per worker)"
+            )
 
 
 PHASES = ("data wait", "forward", "matching + loss", "backward", "optimizer")

@@ -159,7 +159,7 @@ def test_training_and_distilling_on_coco_data(tmp_path, run_script):
         f"data.coco.test_json={root}/annotations/instances_test.json", f"data.coco.test_images={root}/images",
         "data.synthetic_sizes={trainval: 6, test: 3}", "data.batch_size=2", "data.num_workers=0",
         "optim.max_iters=2", "optim.warmup_iters=1", "train.eval_every=2", "train.checkpoint_every=2",
-        "eval.batch_size=3",
+        "eval.batch_size=3", f"data.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     done = run_script("train_teacher.py", *data, "model.width_mult=0.75", f"train.output_dir={tmp_path / 'teacher'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -173,6 +173,7 @@ def test_training_and_distilling_on_coco_data(tmp_path, run_script):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "(crosskd + fgd)" in done.stdout and "coco mAP on" in done.stdout
+    assert len(list((tmp_path / "cache").glob("images-*.rgb"))) == 1  # decoded once, read by both runs
     train_json = f"data.coco.train_json={root}/annotations/instances_trainval.json"
     cfg = load_config("configs/demo_coco_synthetic.yaml", [train_json, "data.classes=dataset"])
     assert cfg.class_names == SYNTHETIC_CLASSES

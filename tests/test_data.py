@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations
+from odkd.data.dataset import read_image
+from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
@@ -216,3 +218,44 @@ def test_distributed_eval_loader_uses_a_distributed_sampler(tmp_path):
     loader = build_loader(dataset, batch_size=2, train=False, num_workers=0, rank=1, world_size=2)
     assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
     assert sorted(i for b in loader for i in b["indices"].tolist()) == [1, 3, 5, 7]  # rank 1 of 2
+
+
+def test_decoded_image_cache_gives_the_same_items_and_follows_changes(tmp_path):
+    make_synthetic_voc(tmp_path, {"trainval": 6}, seed=3, min_size=40, max_size=60)
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 64))
+
+    def loader_stream():
+        return [b["images"] for b in build_loader(dataset, 2, train=True, num_workers=2, max_iters=4)]
+
+    from_files = [dataset[(i, i)]["image"] for i in range(6)], loader_stream()
+    cache = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
+    sizes = [a.width * a.height * 3 for a in dataset.annotations]
+    assert cache.path.stat().st_size == sum(sizes)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.path.name]
+    dataset.image_cache = cache
+    for i in range(6):  # the exact pixels read_image gives, so the same augmented items
+        assert np.array_equal(cache[i], read_image(dataset.image_paths[i]))
+        assert torch.equal(dataset[(i, i)]["image"], from_files[0][i])
+    assert all(torch.equal(a, b) for a, b in zip(loader_stream(), from_files[1], strict=True))
+    # Built once: a second call reuses the file; a changed image gets a new one.
+    again = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    assert again.path == cache.path and again.path.stat().st_mtime_ns == cache.path.stat().st_mtime_ns
+    first = dataset.image_paths[0]
+    cv2.imwrite(str(first), np.zeros((dataset.annotations[0].height, dataset.annotations[0].width, 3), np.uint8))
+    os.utime(first, ns=(time.time_ns() + 10**9,) * 2)
+    changed = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    assert changed.path != cache.path and not changed[0].any()
+
+
+def test_decoded_image_cache_errors_name_the_file(tmp_path):
+    folder = write_voc(tmp_path, {"a": (10, 10, []), "b": (10, 10, [])})
+    dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    (folder / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DatasetError, match=r"b\.jpg: not a readable image"):
+        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
+    cv2.imwrite(str(folder / "JPEGImages" / "b.jpg"), np.zeros((12, 10, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
+        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left to be read
+    with pytest.raises(DatasetError, match="missing or incomplete decoded-image cache"):
+        ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)

@@ -310,8 +310,10 @@ def test_fgd_adapts_channels_and_resizes_the_teacher():
     assert all(torch.isfinite(v) for v in out.values())
     sum(out.values()).backward()
     assert student[0].grad is not None and fgd.adapters[0].weight.grad is not None
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises(ValueError, match=r"fgd levels must be indices of the 1 levels, got \[1\]"):
         FGD([3], [3], levels=[1])
+    with pytest.raises(ValueError, match="fgd pairs levels one to one: the student has 2 levels, the teacher 1"):
+        FGD([3, 4], [3])
 
 
 def test_global_context_block_by_hand():

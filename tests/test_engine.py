@@ -16,6 +16,7 @@ from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_distributed
 from odkd.engine.build import build_datasets, build_detector
+from odkd.engine.schedule import build_optimizer
 from odkd.engine.trainer import latest_checkpoint
 
 
@@ -30,6 +31,21 @@ def test_lr_factor_by_hand():
     assert lr_factor(50, cosine) == pytest.approx(0.5)
     assert lr_factor(25, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor(100, cosine) == pytest.approx(0.0)
+
+
+def test_optimizer_update_by_hand_and_fused_on_cuda():
+    cfg = load_config(None, ["optim.momentum=0.5", "optim.weight_decay=0.1"]).optim
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        weight = torch.nn.Parameter(torch.tensor([2.0], device=device))
+        optimizer = build_optimizer([weight], cfg, lr=0.1)
+        assert optimizer.defaults["fused"] == (device == "cuda")
+        # step 1: d = g + wd * w = 1 + 0.2 = 1.2, buffer = 1.2, w = 2 - 0.12 = 1.88
+        # step 2: d = 1 + 0.188 = 1.188, buffer = 0.5 * 1.2 + 1.188 = 1.788, w = 1.88 - 0.1788 = 1.7012
+        for _ in range(2):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+        assert weight.item() == pytest.approx(1.7012, abs=1e-6)
 
 
 def tiny_config(tmp_path, *extra):
@@ -85,6 +101,11 @@ def test_resume_continues_exactly(tmp_path):
     ema_a, ema_b = straight.ema.state_dict(), resumed.ema.state_dict()
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+    # A checkpoint written on a GPU (fused SGD) resumes here with this machine's kernels.
+    state = straight.state_dict()
+    state["optimizer"]["param_groups"][0].update(fused=True, foreach=False)
+    resumed.load_state_dict(state)
+    assert resumed.optimizer.param_groups[0]["fused"] is False and resumed.optimizer.param_groups[0]["foreach"]
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):

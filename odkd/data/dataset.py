@@ -14,11 +14,15 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from odkd.data.image_cache import ImageCache
 
 __all__ = ["Annotation", "DatasetError", "DetectionDataset", "read_image"]
 
@@ -87,6 +91,7 @@ class DetectionDataset(Dataset):
         self.keep_difficult = keep_difficult
         self.image_paths: list[Path] = []
         self.annotations: list[Annotation] = []
+        self.image_cache: ImageCache | None = None  # decoded pixels to read instead of the image files
 
     def _keep(
         self,
@@ -132,7 +137,7 @@ class DetectionDataset(Dataset):
         if seed is not None and self.transform is not None:
             self.transform.set_seed(seed)
         ann = self.annotations[index]
-        image = read_image(self.image_paths[index])
+        image = self.image_cache[index] if self.image_cache is not None else read_image(self.image_paths[index])
         if image.shape[:2] != (ann.height, ann.width):
             raise DatasetError(
                 f"{self.image_paths[index]}: image is {image.shape[1]}x{image.shape[0]} but its annotation "

@@ -9,6 +9,7 @@ every configured distiller, so methods combine (Chen2017 + FGD, ...) without the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,7 @@ __all__ = [
     "DistillBatch",
     "Distiller",
     "adapter_1x1",
+    "level_adapters",
     "resize_to",
 ]
 
@@ -94,6 +96,23 @@ def adapter_1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
         nn.init.eye_(conv.weight.view(out_channels, in_channels))
         nn.init.zeros_(conv.bias)
     return conv
+
+
+def level_adapters(
+    student_channels: Sequence[int], teacher_channels: Sequence[int], what: str, levels: Sequence[int] | None = None
+) -> tuple[list[int], nn.ModuleList]:
+    """The pyramid ``levels`` a method compares (default: all) and an :func:`adapter_1x1` for each.
+
+    Student and teacher must have as many levels; ``what`` names the method in the errors."""
+    if len(student_channels) != len(teacher_channels):
+        raise ValueError(
+            f"{what} pairs levels one to one: the student has {len(student_channels)} levels, "
+            f"the teacher {len(teacher_channels)}"
+        )
+    levels = list(range(len(student_channels))) if levels is None else list(levels)
+    if not levels or any(not 0 <= k < len(student_channels) for k in levels):
+        raise ValueError(f"{what} levels must be indices of the {len(student_channels)} levels, got {levels}")
+    return levels, nn.ModuleList(adapter_1x1(student_channels[k], teacher_channels[k]) for k in levels)
 
 
 def resize_to(teacher_map: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:

@@ -23,9 +23,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from odkd.distill.base import BOXES, CONF_MAPS, LOGITS, DistillBatch, Distiller, adapter_1x1, resize_to
+from odkd.distill.base import BOXES, CONF_MAPS, LOGITS, DistillBatch, Distiller, level_adapters, resize_to
 from odkd.losses.soft_targets import soft_cross_entropy
 from odkd.models import SSD
 
@@ -64,14 +63,7 @@ class ObjectDistillationLoss(Distiller):
         gamma: float = 0.5,
     ) -> None:
         super().__init__()
-        if len(student_channels) != len(teacher_channels):
-            raise ValueError(
-                f"the hint pairs levels one to one: the student has {len(student_channels)} levels, "
-                f"the teacher {len(teacher_channels)}"
-            )
-        self.adapters = nn.ModuleList(
-            adapter_1x1(s, t) for s, t in zip(student_channels, teacher_channels, strict=True)
-        )
+        _, self.adapters = level_adapters(student_channels, teacher_channels, "the hint")
         if (mu_end is None) != (mu_ramp_iters <= 0):
             raise ValueError("a mu schedule needs both mu_end and mu_ramp_iters > 0")
         self.temperature, self.w_background, self.w_object = temperature, w_background, w_object

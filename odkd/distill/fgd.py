@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from odkd.distill.base import FEATURES, DistillBatch, Distiller, adapter_1x1, resize_to
+from odkd.distill.base import FEATURES, DistillBatch, Distiller, level_adapters, resize_to
 from odkd.models import SSD
 
 __all__ = ["FGD", "GlobalContext", "feature_attention", "focal_masks"]
@@ -112,19 +112,8 @@ class FGD(Distiller):
         levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if len(student_channels) != len(teacher_channels):
-            raise ValueError(
-                f"fgd pairs feature levels one to one: the student has {len(student_channels)} levels, "
-                f"the teacher {len(teacher_channels)}"
-            )
-        self.levels = list(range(len(student_channels))) if levels is None else list(levels)
-        bad = [k for k in self.levels if not 0 <= k < len(student_channels)]
-        if bad or not self.levels:
-            raise ValueError(f"fgd.levels must be indices of the {len(student_channels)} levels, got {self.levels}")
+        self.levels, self.adapters = level_adapters(student_channels, teacher_channels, "fgd", levels)
         teacher = [teacher_channels[k] for k in self.levels]
-        self.adapters = nn.ModuleList(
-            adapter_1x1(student_channels[k], t) for k, t in zip(self.levels, teacher, strict=True)
-        )
         self.student_context = nn.ModuleList(GlobalContext(t) for t in teacher)
         self.teacher_context = nn.ModuleList(GlobalContext(t) for t in teacher)
         self.temperature = temperature

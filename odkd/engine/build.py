@@ -14,6 +14,7 @@ from odkd.checkpoint import init_from_checkpoint
 from odkd.config import Config
 from odkd.data import DetectionDataset, VOCDataset, build_transform
 from odkd.data.coco import COCODataset
+from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.task import DetectionTask
@@ -67,11 +68,16 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
             coco.train_json, coco.train_images, transform=transform, keep_difficult=data.keep_difficult, **common
         )
         test_set = COCODataset(coco.test_json, coco.test_images, **common) if coco.test_json else None
-        return train_set, test_set
-    train_set = VOCDataset(
-        data.voc_root, data.train_sets, transform=transform, keep_difficult=data.keep_difficult, **common
-    )
-    test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
+    else:
+        train_set = VOCDataset(
+            data.voc_root, data.train_sets, transform=transform, keep_difficult=data.keep_difficult, **common
+        )
+        test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
+    if data.cache_dir:  # one process decodes, the others wait for the file
+        if info.is_main:
+            ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers)
+        barrier(info)
+        train_set.image_cache = ImageCache.for_dataset(data.cache_dir, train_set, build=False)
     return train_set, test_set
 
 

@@ -132,6 +132,8 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this machine's kernels, not those of the one that saved
+            group.update(fused=self.optimizer.defaults["fused"], foreach=self.optimizer.defaults["foreach"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         random.setstate(state["rng"]["python"])
