@@ -162,7 +162,8 @@ def test_ddp_under_torchrun_on_cpu(tmp_path):
     make_synthetic_voc(tmp_path / "voc", {"trainval": 8, "test": 3}, seed=1, min_size=100, max_size=160)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(
-        f"model: {{width_mult: 0.5}}\ndata: {{voc_root: {tmp_path / 'voc'}, batch_size: 2, num_workers: 0}}\n"
+        f"model: {{width_mult: 0.5}}\ndata: {{voc_root: {tmp_path / 'voc'}, batch_size: 2, num_workers: 0, "
+        f"cache_dir: {tmp_path / 'cache'}}}\n"
         f"optim: {{max_iters: 3, warmup_iters: 0, milestones: [2]}}\n"
         f"train: {{output_dir: {tmp_path / 'run'}, log_every: 1, eval_every: 3, checkpoint_every: 3}}\n"
     )
@@ -176,3 +177,4 @@ def test_ddp_under_torchrun_on_cpu(tmp_path):
     # Two processes of batch 2: the logged throughput counts 4 images per iteration; rank 0 alone writes logs.
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]
     assert any("mAP" in r for r in records)
+    assert len(list((tmp_path / "cache").glob("*.rgb"))) == 1  # rank 0 decoded, rank 1 waited and read it
