@@ -254,8 +254,9 @@ def test_decoded_image_cache_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"b\.jpg: not a readable image"):
         ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
     cv2.imwrite(str(folder / "JPEGImages" / "b.jpg"), np.zeros((12, 10, 3), np.uint8))
-    with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
-        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    for read in (lambda: dataset[1], lambda: ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0)):
+        with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
+            read()
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left to be read
     with pytest.raises(DatasetError, match="missing or incomplete decoded-image cache"):
         ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)

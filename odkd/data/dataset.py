@@ -64,14 +64,19 @@ class Annotation:
         )
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing or not a readable image."""
+def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing or not a readable image, or
+    if it is not ``size`` ``(height, width)`` (what its annotation says) when that is given."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file does not exist")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"{path}: not a readable image (corrupt or truncated JPEG?)")
+    if size is not None and image.shape[:2] != tuple(size):
+        raise DatasetError(
+            f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {size[1]}x{size[0]}"
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -137,12 +142,10 @@ class DetectionDataset(Dataset):
         if seed is not None and self.transform is not None:
             self.transform.set_seed(seed)
         ann = self.annotations[index]
-        image = self.image_cache[index] if self.image_cache is not None else read_image(self.image_paths[index])
-        if image.shape[:2] != (ann.height, ann.width):
-            raise DatasetError(
-                f"{self.image_paths[index]}: image is {image.shape[1]}x{image.shape[0]} but its annotation "
-                f"says {ann.width}x{ann.height}"
-            )
+        if self.image_cache is not None:  # checked against the annotation when the cache was built
+            image = self.image_cache[index]
+        else:
+            image = read_image(self.image_paths[index], (ann.height, ann.width))
         keep = np.ones(len(ann.labels), dtype=bool) if self.keep_difficult else ~ann.difficult
         boxes = ann.boxes[keep] - np.array(self.pixel_offset, dtype=np.float32)  # 0-based pixels
         labels = ann.labels[keep]

@@ -55,12 +55,9 @@ class _DecodeInto(Dataset):
 
     def __getitem__(self, index: int) -> str | None:
         try:
-            image = read_image(self.paths[index])
-        except DatasetError as err:
+            image = read_image(self.paths[index], self.shapes[index])
+        except DatasetError as err:  # raised by the main process, not from inside a worker's traceback
             return str(err)
-        h, w = self.shapes[index]
-        if image.shape[:2] != (h, w):
-            return f"{self.paths[index]}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {w}x{h}"
         if self._pixels is None:  # opened in the worker process that writes
             self._pixels = np.memmap(self.file, dtype=np.uint8, mode="r+")
         self._pixels[self.offsets[index] : self.offsets[index + 1]] = image.reshape(-1)
