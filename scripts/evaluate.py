@@ -27,13 +27,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from odkd.data.voc import VOC_CLASSES, Annotation, DatasetError, load_annotations, parse_image_sets
+from odkd.data import VOCDataset
+from odkd.data.voc import VOC_CLASSES, parse_image_sets
 from odkd.eval import (
     METRICS,
     ClassDetections,
     COCOResult,
     VOCResult,
-    evaluate,
     evaluate_dataset,
     format_result,
     read_coco_results,
@@ -41,15 +41,6 @@ from odkd.eval import (
     write_coco_results,
     write_devkit_results,
 )
-
-
-def load_ground_truth(voc_root: Path, image_sets: str, class_names: Sequence[str]) -> list[Annotation]:
-    """The annotations of ``image_sets`` (e.g. ``2007_test``); raises the first bad one's error."""
-    _, annotations = load_annotations(voc_root, image_sets, class_names)
-    for annotation in annotations:
-        if isinstance(annotation, DatasetError):
-            raise annotation
-    return annotations
 
 
 def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
@@ -194,7 +185,7 @@ def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) ->
 
 
 def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
-    args.metric = args.metric or "coco"
+    args.metric = args.metric or (cfg.eval.metric if cfg is not None else "coco")  # as training scored it
     coco = cfg.data.coco if cfg is not None else None
     args.coco_json = args.coco_json or (Path(coco.test_json) if coco and coco.test_json else None)
     args.coco_images = args.coco_images or (Path(coco.test_images) if coco and coco.test_images else None)
@@ -205,6 +196,16 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
     if args.detections is None:
         args.detections = args.checkpoint.parent / f"results_{args.checkpoint.stem}.json"
     return args
+
+
+def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
+    """VOC mode: run the model and write the devkit result files (with --checkpoint), then score them."""
+    dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names)  # annotations only, no image read
+    if args.checkpoint is not None:
+        paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
+        print(f"wrote {len(paths)} result files to {args.detections}")
+    detections = read_devkit_results(args.detections, args.set_name, args.class_names)
+    return evaluate_dataset(detections, dataset, args.metric)
 
 
 def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
@@ -220,18 +221,7 @@ def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
-        if args.coco:
-            result = evaluate_coco_data(args)
-        else:
-            annotations = load_ground_truth(args.voc_root, args.image_sets, args.class_names)
-            if args.checkpoint is not None:
-                from odkd.data import VOCDataset
-
-                dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names)
-                paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
-                print(f"wrote {len(paths)} result files to {args.detections}")
-            detections = read_devkit_results(args.detections, args.set_name, args.class_names)
-            result = evaluate(detections, annotations, args.class_names, args.metric)
+        result = evaluate_coco_data(args) if args.coco else evaluate_voc_data(args)
     except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
     report(result, args.output_json, args.pr_curves)

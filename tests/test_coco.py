@@ -126,8 +126,21 @@ def test_coco_evaluation_by_hand(coco_root, tmp_path):
         name: ClassDetections(np.zeros(0, dtype=str), np.zeros(0), np.zeros((0, 4))) for name in dataset.class_names
     }
     assert evaluate_coco(empty, dataset).mAP == 0.0
+    nothing = evaluate_coco(empty, dataset)
+    gt_labels = {int(label) for ann in dataset.annotations for label in ann.labels}
+    for k, name in enumerate(dataset.class_names, start=1):  # 0 where there is GT to miss, n/a where there is none
+        assert nothing.ap[name] == 0.0 if k in gt_labels else np.isnan(nothing.ap[name])
     path = write_coco_results(gt_as_detections(dataset, shift=0.24), dataset, tmp_path / "results.json")
     assert evaluate_coco(read_coco_results(path, dataset), dataset).mAP == pytest.approx(0.3, abs=1e-6)
+    # A class list in another order than the category ids: each class still gets its own AP.
+    reordered = COCODataset(dataset.annotation_file, coco_root / "images", list(reversed(dataset.class_names)))
+    present = [name for k, name in enumerate(dataset.class_names, start=1) if k in gt_labels]
+    only_first = {name: (d if name == present[0] else empty[name]) for name, d in gt_as_detections(reordered).items()}
+    per_class = evaluate_coco(only_first, reordered).ap
+    assert per_class[present[0]] == pytest.approx(1.0) and all(per_class[name] == 0.0 for name in present[1:])
+    # Another tool's results file may hold classes outside the evaluated list: they are left out.
+    subset = COCODataset(dataset.annotation_file, coco_root / "images", present[:1])
+    assert set(read_coco_results(path, subset)) == {present[0]}
 
 
 def test_evaluate_script_in_coco_mode(coco_root, tmp_path, run_script):

@@ -254,7 +254,11 @@ def test_decoded_image_cache_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"b\.jpg: not a readable image"):
         ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
     cv2.imwrite(str(folder / "JPEGImages" / "b.jpg"), np.zeros((12, 10, 3), np.uint8))
-    for read in (lambda: dataset[1], lambda: ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0)):
+    for read in (
+        lambda: dataset[1],
+        lambda: ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0),
+        lambda: VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True),
+    ):
         with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
             read()
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left to be read

@@ -113,7 +113,7 @@ class DetectionDataset(Dataset):
             problem = ann if isinstance(ann, DatasetError) else None
             if problem is None and check_images:
                 try:
-                    read_image(path)
+                    read_image(path, (ann.height, ann.width))
                 except DatasetError as err:
                     problem = err
             if problem is not None:

@@ -74,10 +74,9 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
         )
         test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
     if data.cache_dir:  # one process decodes, the others wait for the file
-        if info.is_main:
-            ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers)
+        cache = ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers) if info.is_main else None
         barrier(info)
-        train_set.image_cache = ImageCache.for_dataset(data.cache_dir, train_set, build=False)
+        train_set.image_cache = cache or ImageCache.for_dataset(data.cache_dir, train_set, build=False)
     return train_set, test_set
 
 

@@ -77,7 +77,8 @@ def write_coco_results(detections: Mapping[str, ClassDetections | tuple], datase
 
 
 def read_coco_results(path: str | os.PathLike, dataset) -> dict[str, ClassDetections]:
-    """A COCO results file (any tool's) as per-class detections for :func:`evaluate_coco`."""
+    """A COCO results file (any tool's) as per-class detections for :func:`evaluate_coco`; records of
+    categories outside ``dataset``'s class list are left out."""
     path = Path(path)
     try:
         records = json.loads(path.read_text())
@@ -98,8 +99,10 @@ def read_coco_results(path: str | os.PathLike, dataset) -> dict[str, ClassDetect
             )
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: {record!r} is not a COCO result (image_id, category_id, bbox, score)") from None
-        if image_id not in images or category not in name_of:
-            raise ValueError(f"{path}: {record!r} names an image or category the ground truth does not have")
+        if image_id not in images:
+            raise ValueError(f"{path}: {record!r} names an image the ground truth does not have")
+        if category not in name_of:  # a class left out of the evaluated class list
+            continue
         parts[name_of[category]].append((image_id, score, [x, y, x + w, y + h]))
     return {
         name: ClassDetections(
@@ -123,8 +126,9 @@ def evaluate_coco(detections: Mapping[str, ClassDetections | tuple], dataset) ->
     records = _results(detections, dataset)
     nan = float("nan")
     if not records:  # pycocotools cannot load an empty result list; nothing detected scores 0
-        zero = {name: 0.0 for name in dataset.class_names}
-        return COCOResult(0.0, {k: 0.0 for k in COCO_STATS}, dict(zero), dict(zero))
+        labels = {int(label) for ann in dataset.annotations for label in ann.labels}
+        ap = {name: 0.0 if k in labels else nan for k, name in enumerate(dataset.class_names, start=1)}
+        return COCOResult(0.0, {k: 0.0 for k in COCO_STATS}, ap, dict(ap))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step on stdout
         ground_truth = COCO(str(dataset.annotation_file))
         evaluation = COCOeval(ground_truth, ground_truth.loadRes(records), "bbox")
@@ -140,8 +144,10 @@ def evaluate_coco(detections: Mapping[str, ClassDetections | tuple], dataset) ->
         valid = p[p > -1]
         return float(valid.mean()) if valid.size else nan
 
-    ap = {name: mean_valid(precision[:, :, k]) for k, name in enumerate(dataset.class_names)}
-    ap50 = {name: mean_valid(precision[0, :, k]) for k, name in enumerate(dataset.class_names)}
+    # pycocotools sorts params.catIds: the class axis is in category-id order, not the class list's.
+    column = [evaluation.params.catIds.index(category) for category in dataset.category_ids]
+    ap = {name: mean_valid(precision[:, :, k]) for name, k in zip(dataset.class_names, column, strict=True)}
+    ap50 = {name: mean_valid(precision[0, :, k]) for name, k in zip(dataset.class_names, column, strict=True)}
     stats = {k: (nan if v < 0 else float(v)) for k, v in zip(COCO_STATS, evaluation.stats, strict=True)}
     return COCOResult(stats["AP"], stats, ap, ap50)
 
