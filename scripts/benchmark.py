@@ -27,7 +27,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from odkd.data.voc import VOC_CLASSES, Annotation
-from odkd.eval import METRICS, evaluate, match_detections_reference, read_devkit_results, write_devkit_results
+from odkd.eval import (
+    METRICS,
+    evaluate,
+    evaluate_dataset,
+    match_detections_reference,
+    read_devkit_results,
+    write_devkit_results,
+)
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
 from odkd.models import MODELS, build_model
@@ -227,20 +234,19 @@ def bench_eval_model(args: argparse.Namespace) -> None:
 
     make_synthetic_voc(args.root, {"test": args.images}, min_size=375, max_size=500)
     classes = _benchmark_classes()
-    dataset = VOCDataset(args.root, "SYN_test", classes)
     if args.checkpoint:
         model = load_model(args.checkpoint)
         classes = classes[: model.num_classes - 1]
-        dataset = VOCDataset(args.root, "SYN_test", classes)
     else:
         model = build_model(args.model, num_classes=len(classes) + 1)
+    dataset = VOCDataset(args.root, "SYN_test", classes)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.inference_mode():  # CUDA context and kernel selection are start-up, not evaluation
         model.eval().to(device)(torch.zeros(args.batch, 3, model.image_size, model.image_size, device=device))
     start = time.perf_counter()
     detections = detect_dataset(model, dataset, device, args.batch, args.workers, progress=False)
     detected = time.perf_counter()
-    result = evaluate(detections, dataset.annotations, classes, args.metric)
+    result = evaluate_dataset(detections, dataset, args.metric)
     done = time.perf_counter()
     count = sum(len(d.scores) for d in detections.values())
     print(

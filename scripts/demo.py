@@ -109,7 +109,7 @@ def main() -> None:
         sys.exit(f"error: {err}")
     names = list(model.class_names or [f"class{i}" for i in range(1, model.num_classes)])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    predictor = Predictor(model, device, score_threshold=min(args.min_score, 0.01))
+    predictor = Predictor(model, device, score_threshold=args.min_score)  # only what is drawn goes through NMS
     args.output.mkdir(parents=True, exist_ok=True)
     latencies = []
     for path in files:
