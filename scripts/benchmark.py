@@ -350,6 +350,8 @@ def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log
         f"train.compile={args.compile}", f"train.log_every={log_every}", f"train.eval_every={10 * max_iters}",
         f"train.checkpoint_every={max_iters}", "train.keep_last=1",
     ]  # fmt: skip
+    if args.cache:
+        overrides.append(f"data.cache_dir={Path(args.root) / 'cache'}")
     if args.benchmark == "distill":
         overrides.append(f"distill.methods=[{', '.join(args.methods)}]")
     return load_config(None, overrides)
@@ -607,6 +609,7 @@ def main() -> None:
         train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
         train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
         train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+        train.add_argument("--cache", action="store_true", help="read decoded images from data.cache_dir")
         if name == "distill":
             train.add_argument("--teacher-model", choices=sorted(MODELS), default="vgg16_lite300")
             train.add_argument("--methods", nargs="+", default=["chen2017"])

@@ -117,6 +117,45 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
     assert trainer.iteration >= 2
 
 
+class NaNOnCalls(DetectionTask):
+    """The real detection task, with a NaN loss on the given (1-based) calls."""
+
+    def __init__(self, model, bad_calls):
+        super().__init__(model)
+        self.calls, self.bad_calls = 0, bad_calls
+
+    def forward(self, images, boxes, labels):
+        losses = super().forward(images, boxes, labels)
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            losses["loc"] = losses["loc"] * float("nan")  # NaN gradients for every weight behind loc
+        return losses
+
+
+def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, "optim.max_iters=3", "train.checkpoint_every=1", "train.eval_every=100",
+                      "train.ema_decay=0.9", "optim.grad_clip=1.0")  # fmt: skip
+    info = setup_distributed("cpu")
+    torch.manual_seed(cfg.train.seed)
+    model = build_detector(cfg)
+    train_set, _ = build_datasets(cfg, model, info)
+    trainer = Trainer(cfg, NaNOnCalls(model, {2}), train_set, None, info, progress=False)
+    trainer.fit()
+    assert "iteration 1: loss is nan, step skipped (1 in a row)" in caplog.text
+    before, skipped, after = (torch.load(tmp_path / "run" / f"checkpoint_000000{i}.pt") for i in (1, 2, 3))
+    trainable = [name for name, p in trainer.task.named_parameters() if p.requires_grad]
+    for name in trainable:
+        assert torch.equal(before["task"][name], skipped["task"][name]), name
+    assert not all(torch.equal(skipped["task"][k], after["task"][k]) for k in trainable)  # the next step trains
+    assert all(torch.isfinite(after["task"][k]).all() for k in trainable)
+    momentum = [
+        (s["momentum_buffer"], t["momentum_buffer"])
+        for s, t in zip(before["optimizer"]["state"].values(), skipped["optimizer"]["state"].values(), strict=True)
+    ]
+    assert momentum and all(torch.equal(a, b) for a, b in momentum)
+    assert all(torch.equal(before["ema"][k], skipped["ema"][k]) for k in before["ema"])
+
+
 def test_resume_refuses_another_model(tmp_path):
     cfg = tiny_config(tmp_path, "optim.max_iters=2")
     make_trainer(cfg).fit()

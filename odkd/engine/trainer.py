@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,10 +249,15 @@ class Trainer:
         for batch in loader:
             losses = self._forward(batch)
             loss = sum(losses.values())
-            # One small all-reduce: every process skips the step, or stops, together.
+            # One small all-reduce: every process skips the step, or stops, together. The host reads the
+            # flags only after queuing the backward pass, so the GPU works through it while the host waits
+            # for the forward's flags (reading them first would leave the GPU idle until the backward's
+            # kernels arrive). A skipped step's gradients are thrown away.
             not_finite = (~torch.isfinite(loss.detach())).float()
             stop_flag = torch.full_like(not_finite, float(self._stop_signal is not None))
-            bad, stop = all_reduce_sum(torch.stack([not_finite, stop_flag]), self.info).tolist()
+            flags = _start_copy_to_host(all_reduce_sum(torch.stack([not_finite, stop_flag]), self.info))
+            self.backward(loss)
+            bad, stop = flags().tolist()
             if bad:
                 bad_in_a_row += 1
                 log.warning(
@@ -266,7 +272,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 bad_in_a_row = 0
-                self.backward(loss)
                 self.optimizer_step()
             self.scheduler.step()
             self.iteration += 1
@@ -345,6 +350,22 @@ class Trainer:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(key, value, record["iter"])
+
+
+def _start_copy_to_host(values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying ``values`` to the host without waiting; the returned function waits for this copy
+    alone (not for work queued on the device after it) and gives the host tensor."""
+    if values.device.type != "cuda":
+        return lambda: values
+    host = values.to("cpu", non_blocking=True)  # into pinned memory: the copy is queued, not waited for
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> torch.Tensor:
+        copied.synchronize()
+        return host
+
+    return wait
 
 
 def _tensorboard(out: Path):
