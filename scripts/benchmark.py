@@ -373,7 +373,7 @@ def _make_task(cfg, args: argparse.Namespace):
 
 def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
     """Median seconds per phase of one training step, synchronising the device after each phase."""
-    from odkd.data import build_loader
+    from odkd.data import build_loader, prefetch_to_device
 
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     cfg = trainer.cfg
@@ -383,10 +383,10 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
     )  # fmt: skip
     times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     task = trainer.task.train()
-    batches = iter(loader)
+    batches = prefetch_to_device(loader, trainer.device)
     for step in range(warmup + iters):
         marks = [time.perf_counter()]
-        images, boxes, labels = trainer.to_device(next(batches))
+        images, boxes, labels = next(batches)
         sync()
         marks.append(time.perf_counter())
         with trainer.autocast():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations
+from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
 from odkd.data.dataset import read_image
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
@@ -199,6 +199,35 @@ def test_training_stream_is_the_same_whatever_the_workers_and_resumable(tmp_path
     # Every epoch visits every image once (10 images: epoch 0 = positions 0-9).
     first_epoch = [i for indices, _ in straight for i in indices][:10]
     assert sorted(first_epoch) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
+def test_prefetch_to_device_gives_every_batch_in_order(device):
+    g = torch.Generator().manual_seed(0)
+    batches = [collate([{"image": torch.randint(0, 255, (3, 8, 8), generator=g, dtype=torch.uint8),
+                         "boxes": torch.rand(n, 4, generator=g), "labels": torch.arange(n), "index": i}])
+               for i, n in enumerate([1, 3, 0, 2])]  # fmt: skip
+    if device == "cuda":
+        batches = [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
+    expected = [{k: v.clone() for k, v in batch.items()} for batch in batches]
+    got = []
+    for images, boxes, labels in prefetch_to_device(batches, torch.device(device)):
+        assert images.device.type == device
+        images.add_(1)  # the compute stream uses (and here changes) a batch while the next one is copied
+        got.append((images.cpu(), boxes.cpu(), labels.cpu()))
+    assert len(got) == 4
+    for (images, boxes, labels), batch in zip(got, expected, strict=True):
+        assert torch.equal(images, batch["images"] + 1) and torch.equal(boxes, batch["boxes"])
+        assert torch.equal(labels, batch["labels"])
+    assert list(prefetch_to_device([], torch.device(device))) == []
 
 
 def test_iteration_sampler_shards_between_processes():

@@ -1,7 +1,7 @@
 """Datasets, augmentation and loading."""
 
 from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
-from odkd.data.loader import IterationSampler, build_loader, collate
+from odkd.data.loader import IterationSampler, build_loader, collate, prefetch_to_device
 from odkd.data.transforms import build_transform
 from odkd.data.voc import VOC_CLASSES, VOCDataset, load_annotations, parse_annotation
 
@@ -17,5 +17,6 @@ __all__ = [
     "collate",
     "load_annotations",
     "parse_annotation",
+    "prefetch_to_device",
     "read_image",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["IterationSampler", "build_loader", "collate"]
+__all__ = ["IterationSampler", "build_loader", "collate", "prefetch_to_device"]
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -111,3 +113,32 @@ def build_loader(
         drop_last=train,
         persistent_workers=num_workers > 0,
     )
+
+
+def prefetch_to_device(batches: Iterable[dict], device: torch.device) -> Iterator[Batch]:
+    """Each collated batch's ``(images, boxes, labels)`` on ``device``.
+
+    On CUDA the next batch is copied on a side stream while the current one is being used: copies on the
+    compute stream would wait for the previous step's kernels and hold up the next step's (~0.7 ms for 64
+    uint8 images of 300 px from pinned memory). uint8 images travel: a quarter of float32's bytes.
+    """
+    keys = ("images", "boxes", "labels")
+    if device.type != "cuda":
+        yield from (tuple(batch[k].to(device) for k in keys) for batch in batches)
+        return
+    copy_stream, compute_stream = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def start_copy(batch: dict | None) -> Batch | None:
+        if batch is None:
+            return None
+        with torch.cuda.stream(copy_stream):
+            return tuple(batch[k].to(device, non_blocking=True) for k in keys)
+
+    source = iter(batches)
+    pending = start_copy(next(source, None))
+    while pending is not None:
+        compute_stream.wait_stream(copy_stream)
+        for tensor in pending:  # made on the copy stream, freed after the compute stream is done with it
+            tensor.record_stream(compute_stream)
+        current, pending = pending, start_copy(next(source, None))
+        yield current

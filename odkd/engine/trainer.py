@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from odkd.checkpoint import atomic_save, save_model
 from odkd.config import Config, config_to_dict, save_config, scaled_lr
-from odkd.data import DetectionDataset, build_loader
+from odkd.data import DetectionDataset, build_loader, prefetch_to_device
 from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
@@ -246,8 +246,9 @@ class Trainer:
         bar = tqdm(total=max_iters, initial=self.iteration, desc="train", unit="it", disable=not self.progress)
         bad_in_a_row, window_images, window_start = 0, 0, time.perf_counter()
         checkpoint = None
-        for batch in loader:
-            losses = self._forward(batch)
+        for images, boxes, labels in prefetch_to_device(loader, self.device):
+            with self.autocast():
+                losses = self.step_module(images, boxes, labels)
             loss = sum(losses.values())
             # One small all-reduce: every process skips the step, or stops, together. The host reads the
             # flags only after queuing the backward pass, so the GPU works through it while the host waits
@@ -275,7 +276,7 @@ class Trainer:
                 self.optimizer_step()
             self.scheduler.step()
             self.iteration += 1
-            window_images += batch["images"].shape[0] * self.info.world_size
+            window_images += images.shape[0] * self.info.world_size
             bar.update(1)
 
             if self.iteration % cfg.log_every == 0 or self.iteration == max_iters:
@@ -305,20 +306,9 @@ class Trainer:
         return checkpoint
 
     # ------------------------------------------------------------------- one step, piece by piece
-    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A loader batch's images, boxes and labels on the device. uint8 travels (a quarter of float32's
-        bytes); the task normalises there. With channels_last weights, convolutions produce channels_last
-        outputs from NCHW input themselves."""
-        return tuple(batch[k].to(self.device, non_blocking=True) for k in ("images", "boxes", "labels"))
-
     def autocast(self) -> torch.autocast:
         """The mixed-precision context of the forward pass and the losses (disabled without AMP)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def _forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images, boxes, labels = self.to_device(batch)
-        with self.autocast():
-            return self.step_module(images, boxes, labels)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
