@@ -30,16 +30,9 @@ def detect(
 ) -> Iterator[tuple[int, Detections]]:
     """Yield ``(dataset index, detections)`` for every image of ``loader`` (batches from
     :func:`odkd.data.collate` with uint8 images); boxes relative to the image."""
-    model.eval().to(device)
-    dtype = autocast_dtype(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    predictor = Predictor(model, device, **postprocess_kwargs)
     for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, leave=False):
-        images = model.preprocessing.normalize(batch["images"].to(device, non_blocking=True))
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(images)
-            detections = postprocess(out.loc, out.conf, model.priors, **postprocess_kwargs)
-        yield from zip(batch["indices"].tolist(), detections, strict=True)
+        yield from zip(batch["indices"].tolist(), predictor.detect_batch(batch["images"]), strict=True)
 
 
 def detect_dataset(
@@ -81,7 +74,8 @@ class Predictor:
 
     The image goes through the evaluation transform (resize to the model's input), so single images are
     preprocessed exactly as :func:`detect_dataset` preprocesses a test set. ``postprocess_kwargs`` as
-    :func:`odkd.postprocess.postprocess` (score threshold, NMS threshold, ...).
+    :func:`odkd.postprocess.postprocess` (score threshold, NMS threshold, ...). :meth:`detect_batch`
+    runs already resized uint8 batches (what :func:`detect` does with a loader's).
     """
 
     def __init__(self, model: SSD, device: torch.device, **postprocess_kwargs) -> None:
@@ -92,12 +86,17 @@ class Predictor:
         self.transform = build_transform(False, model.image_size)
         self.postprocess_kwargs = postprocess_kwargs
 
+    def detect_batch(self, images: torch.Tensor) -> list[Detections]:
+        """``images`` (B, 3, S, S) uint8 RGB at the model's input size -> one Detections per image, boxes
+        x1,y1,x2,y2 relative to the image, on the device."""
+        images = self.model.preprocessing.normalize(images.to(self.device, non_blocking=True))
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            out = self.model(images)
+            return postprocess(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs)
+
     def __call__(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]
         tensor, _, _ = self.transform(image, np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))
-        batch = self.model.preprocessing.normalize(tensor[None].to(self.device))
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.model(batch)
-            det = postprocess(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs)[0]
+        det = self.detect_batch(tensor[None])[0]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         return Detections(det.boxes.float().cpu() * scale, det.scores.float().cpu(), det.labels.cpu())
