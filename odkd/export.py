@@ -90,7 +90,7 @@ def export_onnx(
         "arch": model.arch,
         "image_size": str(size),
         "input": "images: (batch, 3, H, W) float32 RGB pixels 0-255, H = W = image_size",
-        "class_names": json.dumps(list(model.class_names or [f"class{i}" for i in range(1, model.num_classes)])),
+        "class_names": json.dumps(model.label_names),
         "postprocess": json.dumps(postprocess_kwargs if postprocess else None),
     }
     for key, value in metadata.items():

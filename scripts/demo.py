@@ -107,7 +107,7 @@ def main() -> None:
             model.class_names = VOC_CLASSES if args.classes == "voc" else [c.strip() for c in args.classes.split(",")]
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
-    names = list(model.class_names or [f"class{i}" for i in range(1, model.num_classes)])
+    names = model.label_names
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     predictor = Predictor(model, device, score_threshold=args.min_score)  # only what is drawn goes through NMS
     args.output.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,12 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_class_names_and_label_names():
+    model = build_model("mobilenetv2_ssdlite300", num_classes=4, width_mult=0.35)
+    assert model.class_names is None and model.label_names == ["class1", "class2", "class3"]
+    model.class_names = ["cat", "dog", "bird"]
+    assert model.class_names == ("cat", "dog", "bird") and model.label_names == ["cat", "dog", "bird"]
+    with pytest.raises(ValueError, match="3 object classes, got 2 names"):
+        model.class_names = ["cat", "dog"]

@@ -172,6 +172,11 @@ class SSD(nn.Module):
         self._class_names = None if names is None else tuple(names)
 
     @property
+    def label_names(self) -> list[str]:
+        """Names to show for labels 1..C-1: :attr:`class_names`, or ``class1``, ``class2``... when unknown."""
+        return list(self.class_names or (f"class{i}" for i in range(1, self.num_classes)))
+
+    @property
     def image_size(self) -> int:
         return self.layout.image_size
 
