@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["DEFAULT_VARIANCES", "cxcywh_to_xyxy", "decode", "encode", "xyxy_to_cxcywh"]
+__all__ = ["DEFAULT_VARIANCES", "cxcywh_to_xyxy", "decode", "encode", "paired_giou", "xyxy_to_cxcywh"]
 
 DEFAULT_VARIANCES = (0.1, 0.2)
 
@@ -53,3 +53,16 @@ def decode(loc: torch.Tensor, priors: torch.Tensor, variances: tuple[float, floa
     centre = priors[..., :2] + loc[..., :2] * variances[0] * priors[..., 2:]
     size = priors[..., 2:] * torch.exp((loc[..., 2:] * variances[1]).clamp(max=_MAX_LOG_SCALE))
     return cxcywh_to_xyxy(torch.cat((centre, size), dim=-1))
+
+
+def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Generalised IoU of each box with its partner: ``(..., 4)`` xyxy twice -> ``(...)`` in [-1, 1].
+
+    ``GIoU = IoU - (hull - union) / hull`` with ``hull`` the area of the smallest box enclosing both.
+    Only element-wise arithmetic (no masked indexing), so on a GPU it never waits for the device.
+    """
+    inter = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = inter.prod(-1)
+    union = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1) + (boxes2[..., 2:] - boxes2[..., :2]).prod(-1) - inter
+    hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).prod(-1)
+    return inter / (union + eps) - (hull - union) / (hull + eps)

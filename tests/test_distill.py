@@ -218,3 +218,22 @@ def test_cuda_training_step_never_waits_for_the_gpu(methods, dfl_bins):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("methods, dfl_bins", [(None, 0), ("[chen2017, hinton, fgd, crosskd]", 0), ("[ld]", 4)])
+def test_training_step_is_one_graph_for_torch_compile(methods, dfl_bins):
+    """train.compile: TorchDynamo captures the whole step (student, teacher, matching, losses, distillers) in
+    one graph with no break, and the step counter of schedules such as mu's does not recompile it."""
+    from torch._dynamo.utils import counters
+
+    student, teacher = models("mobilenetv2_ssdlite300", dfl_bins)
+    cfg = tiny_cfg(f"distill.methods={methods or '[hinton]'}", "distill.chen2017.mu_end=0.5",
+                   "distill.chen2017.mu_ramp_iters=4")  # fmt: skip
+    task = DetectionTask(student) if methods is None else build_distillation_task(cfg, student, teacher)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(task.train(), backend="eager")  # capture only: no code generation needed here
+    for _ in range(3):
+        sum(compiled(*tiny_batch()).values()).backward()
+    assert dict(counters["frames"]) == {"total": 1, "ok": 1} and not counters["graph_break"]
+    assert methods is None or task.iteration == 3

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from odkd.boxes import paired_giou
 from odkd.matching import cxcywh_to_xyxy, decode, encode, match, xyxy_to_cxcywh
 from odkd.priors import build_priors
 
@@ -111,6 +112,20 @@ def test_encode_decode_round_trip():
 def test_decode_never_returns_inf():
     boxes = decode(torch.tensor([[[0.0, 0.0, 1e4, -1e4]]]), QUADRANTS[:1])
     assert torch.isfinite(boxes).all()
+
+
+def test_paired_giou_by_hand_and_against_torchvision():
+    from torchvision.ops import generalized_box_iou
+
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0], [0.1, 0.2, 0.5, 0.9]])
+    b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [1.0, 1.0, 3.0, 3.0], [0.1, 0.2, 0.5, 0.9]])
+    # disjoint: IoU 0, union 2, hull 3 -> -1/3; overlapping: IoU 1/7, union 7, hull 9 -> 1/7 - 2/9; equal: 1
+    torch.testing.assert_close(paired_giou(a, b), torch.tensor([-1 / 3, 1 / 7 - 2 / 9, 1.0]))
+    g = torch.Generator().manual_seed(0)
+    low, size = torch.rand(2, 5, 7, 2, generator=g), torch.rand(2, 5, 7, 2, generator=g) + 0.01
+    boxes1, boxes2 = torch.cat((low[0], low[0] + size[0]), -1), torch.cat((low[1], low[1] + size[1]), -1)
+    expected = generalized_box_iou(boxes1.view(-1, 4), boxes2.view(-1, 4)).diagonal().view(5, 7)
+    torch.testing.assert_close(paired_giou(boxes1, boxes2), expected)
 
 
 def test_gt_below_threshold_gets_its_forced_prior():

@@ -57,7 +57,7 @@ class DistillBatch:
     gt_boxes: torch.Tensor  # (B, N, 4) x1,y1,x2,y2 in [0, 1], padded
     gt_valid: torch.Tensor  # (B, N) bool: real objects (not padding)
     priors: torch.Tensor  # (P, 4) student priors cx,cy,w,h
-    iteration: int  # training iterations done before this one
+    iteration: int | torch.Tensor  # training iterations done before this one (0-dim int64 tensor in training)
 
     @property
     def positive(self) -> torch.Tensor:
@@ -80,8 +80,9 @@ class Distiller(nn.Module):
         config's ``settings``."""
         return cls(**settings)
 
-    def detection_weights(self, iteration: int) -> dict[str, float]:
-        """Factors this method puts on the detection terms (``"conf"``, ``"loc"``, ``"dfl"``); default none."""
+    def detection_weights(self, iteration: int | torch.Tensor) -> dict[str, float | torch.Tensor]:
+        """Factors this method puts on the detection terms (``"conf"``, ``"loc"``, ``"dfl"``); default none.
+        ``iteration`` as in :class:`DistillBatch` (a schedule computes on it as a tensor)."""
         return {}
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:

@@ -78,14 +78,15 @@ class ObjectDistillationLoss(Distiller):
             **settings,
         )
 
-    def mu_at(self, iteration: int) -> float:
-        """The hard-loss weight at ``iteration``: linear from ``mu`` to ``mu_end`` over the ramp."""
+    def mu_at(self, iteration: int | torch.Tensor) -> float | torch.Tensor:
+        """The hard-loss weight at ``iteration``: linear from ``mu`` to ``mu_end`` over the ramp. The
+        iteration is the task's 0-dim counter tensor during training (compiled graphs stay valid)."""
         if self.mu_end is None:
             return self.mu_start
-        t = min(iteration / self.mu_ramp_iters, 1.0)
+        t = (torch.as_tensor(iteration) / self.mu_ramp_iters).clamp(max=1.0)
         return self.mu_start + (self.mu_end - self.mu_start) * t
 
-    def detection_weights(self, iteration: int) -> dict[str, float]:
+    def detection_weights(self, iteration: int | torch.Tensor) -> dict[str, float | torch.Tensor]:
         return {"conf": self.mu_at(iteration), "loc": self.lam}
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:

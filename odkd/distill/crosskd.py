@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
 
-from odkd.boxes import decode
+from odkd.boxes import decode, paired_giou
 from odkd.distill.base import BOXES, HEAD_INTERMEDIATES, LOGITS, DistillBatch, Distiller, adapter_1x1
 from odkd.distill.ld import edge_distribution_kl
 from odkd.losses.soft_targets import kl_divergence
@@ -89,7 +88,7 @@ class CrossKD(Distiller):
         else:
             boxes = decode(loc.float(), batch.priors)
             teacher_boxes = decode(batch.teacher_loc.detach().float(), batch.priors)
-            reg = generalized_box_iou_loss(boxes.view(-1, 4), teacher_boxes.view(-1, 4)).view(loc.shape[:-1])
+            reg = 1 - paired_giou(boxes, teacher_boxes)
         return {
             "cls": self.cls_weight * T * T * cls_kl.where(batch.sampled, 0.0).sum() / batch.num_pos,
             "reg": self.reg_weight * reg.where(batch.positive, 0.0).sum() / batch.num_pos,

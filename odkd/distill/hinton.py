@@ -27,7 +27,7 @@ class HintonKD(Distiller):
             raise ValueError(f"hinton: alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
         self.temperature, self.alpha = temperature, alpha
 
-    def detection_weights(self, iteration: int) -> dict[str, float]:
+    def detection_weights(self, iteration: int | torch.Tensor) -> dict[str, float | torch.Tensor]:
         return {"conf": 1.0 - self.alpha}
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:

@@ -78,7 +78,9 @@ class DistillationTask(DetectionTask):
             self._check_pairing(student, teacher, prior_mapping)
             index = map_priors(student.priors, teacher.priors)
         self.register_buffer("teacher_index", index, persistent=False)
-        self.iteration = 0  # training forwards so far; saved with the state dict (extra state)
+        # Training forwards so far, on the device: a Python int attribute would be baked into a
+        # torch.compile graph and recompile it at every step. Saved as extra state (see below).
+        self.register_buffer("iterations", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _check_pairing(self, student: SSD, teacher: SSD, prior_mapping: str) -> None:
         """Teacher and student of different prior layouts: which methods can still be paired, and how."""
@@ -100,11 +102,16 @@ class DistillationTask(DetectionTask):
                     "distill.prior_mapping=iou to re-map each student prior to the teacher prior of highest IoU."
                 )
 
+    @property
+    def iteration(self) -> int:
+        """Training forwards so far (reads the device counter: for checkpoints and tests, not per step)."""
+        return int(self.iterations)
+
     def get_extra_state(self) -> dict:
         return {"iteration": self.iteration}
 
     def set_extra_state(self, state: dict) -> None:
-        self.iteration = state["iteration"]
+        self.iterations.fill_(state["iteration"])
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
@@ -144,15 +151,15 @@ class DistillationTask(DetectionTask):
             gt_boxes=boxes,
             gt_valid=valid_gt_mask(boxes, labels),
             priors=self.model.priors,
-            iteration=self.iteration,
+            iteration=self.iterations.clone(),  # the value of this step, whatever happens to the counter
         )
         for name, distiller in self.distillers.items():
-            for term, factor in distiller.detection_weights(self.iteration).items():
+            for term, factor in distiller.detection_weights(batch.iteration).items():
                 if term in losses:
                     losses[term] = losses[term] * factor
             losses.update({f"{name}/{term}": value for term, value in distiller(batch).items()})
         if self.training:
-            self.iteration += 1
+            self.iterations.add_(1)
         return losses
 
 
