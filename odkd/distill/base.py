@@ -33,7 +33,8 @@ __all__ = [
     "resize_to",
 ]
 
-# What a distiller may read (``Distiller.needs``); the task checks the teacher/student pair provides it.
+# What a distiller may read (``Distiller.needs``). Every SSD gives all of them; the task checks which
+# ones a teacher and student of different prior layouts can still pair (prior-relative outputs cannot).
 LOGITS = "class logits"  # (B, P, C), the teacher's on the student's priors
 BOXES = "box regressions"  # (B, P, 4), the teacher's encoded on the student's priors
 CONF_MAPS = "conf-head maps"  # per level (B, A_k * C, H_k, W_k)
