@@ -32,7 +32,7 @@ def detect(
     :func:`odkd.data.collate` with uint8 images); boxes relative to the image."""
     predictor = Predictor(model, device, **postprocess_kwargs)
     for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, leave=False):
-        yield from zip(batch["indices"].tolist(), predictor.detect_batch(batch["images"]), strict=True)
+        yield from zip(batch["indices"].tolist(), predictor.detect_batch(batch["images"], on_cpu=True), strict=True)
 
 
 def detect_dataset(
@@ -54,7 +54,7 @@ def detect_dataset(
     for index, det in detect(model, loader, device, progress, **postprocess_kwargs):
         image_id = dataset.annotations[index].image_id
         boxes = dataset.to_pixels(det.boxes, index)
-        scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
+        scores, labels = det.scores.numpy(), det.labels.numpy()
         for label in np.unique(labels):
             keep = labels == label
             per_class[int(label)].append((image_id, scores[keep], boxes[keep]))
@@ -86,17 +86,17 @@ class Predictor:
         self.transform = build_transform(False, model.image_size)
         self.postprocess_kwargs = postprocess_kwargs
 
-    def detect_batch(self, images: torch.Tensor) -> list[Detections]:
+    def detect_batch(self, images: torch.Tensor, on_cpu: bool = False) -> list[Detections]:
         """``images`` (B, 3, S, S) uint8 RGB at the model's input size -> one Detections per image, boxes
-        x1,y1,x2,y2 relative to the image, on the device."""
+        x1,y1,x2,y2 relative to the image, on the device (or all copied to the CPU at once)."""
         images = self.model.preprocessing.normalize(images.to(self.device, non_blocking=True))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.model(images)
-            return postprocess(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs)
+            return postprocess(out.loc, out.conf, self.model.priors, on_cpu, **self.postprocess_kwargs)
 
     def __call__(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]
         tensor, _, _ = self.transform(image, np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))
-        det = self.detect_batch(tensor[None])[0]
+        det = self.detect_batch(tensor[None], on_cpu=True)[0]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        return Detections(det.boxes.float().cpu() * scale, det.scores.float().cpu(), det.labels.cpu())
+        return det._replace(boxes=det.boxes * scale)

@@ -99,6 +99,7 @@ def postprocess(
     loc: torch.Tensor,
     conf: torch.Tensor,
     priors: torch.Tensor,
+    on_cpu: bool = False,
     **kwargs,
 ) -> list[Detections]:
     """Detections of a batch, one :class:`Detections` per image.
@@ -111,11 +112,14 @@ def postprocess(
         nms_threshold: IoU above which a lower-scoring box of the same class and image is dropped (0.45).
         max_detections: at most this many detections per image, the highest scores (200).
         variances: the box coder's; clip: clip boxes to the image before NMS (True).
+        on_cpu: return the detections on the CPU (three copies per batch rather than three per image).
 
     The whole batch is processed at once (:func:`postprocess_flat`); the only per-image step is
     splitting the final result.
     """
     flat = postprocess_flat(loc, conf, priors, **kwargs)
+    if on_cpu:
+        flat = FlatDetections(*(t.cpu() for t in flat))
     sizes = torch.bincount(flat.image_index, minlength=conf.shape[0]).tolist()
     per_image = (flat.boxes.split(sizes), flat.scores.split(sizes), flat.labels.split(sizes))
     return [Detections(*parts) for parts in zip(*per_image, strict=True)]

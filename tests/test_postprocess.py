@@ -82,3 +82,18 @@ def test_many_priors_cap_holds():
         assert len(det.boxes) == 50
         assert (det.scores[:-1] >= det.scores[1:]).all()
         assert ((det.boxes >= 0) & (det.boxes <= 1)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_detections_and_on_cpu_copies_them_back():
+    logits = PROBS.clamp(min=1e-12).log()
+    loc, conf = torch.zeros(2, 4, 4), torch.stack([logits, logits.flip(0)])
+    expected = postprocess(loc, conf, PRIORS)
+    on_gpu = postprocess(loc.cuda(), conf.cuda(), PRIORS.cuda())
+    copied = postprocess(loc.cuda(), conf.cuda(), PRIORS.cuda(), on_cpu=True)
+    assert on_gpu[0].boxes.is_cuda and not copied[0].boxes.is_cuda
+    for want, gpu, cpu in zip(expected, on_gpu, copied, strict=True):
+        for a, b, c in zip(want, gpu, cpu, strict=True):
+            torch.testing.assert_close(b.cpu(), a)
+            torch.testing.assert_close(c, a)
