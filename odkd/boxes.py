@@ -59,10 +59,15 @@ def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -
     """Generalised IoU of each box with its partner: ``(..., 4)`` xyxy twice -> ``(...)`` in [-1, 1].
 
     ``GIoU = IoU - (hull - union) / hull`` with ``hull`` the area of the smallest box enclosing both.
-    Only element-wise arithmetic (no masked indexing), so on a GPU it never waits for the device.
+    Element-wise arithmetic only: no masked indexing and no ``prod`` (whose backward checks for zeros on
+    the host), so on a GPU neither pass waits for the device.
     """
-    inter = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    inter = inter.prod(-1)
-    union = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1) + (boxes2[..., 2:] - boxes2[..., :2]).prod(-1) - inter
-    hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).prod(-1)
+
+    def area(size: torch.Tensor) -> torch.Tensor:
+        return size[..., 0] * size[..., 1]
+
+    low1, high1, low2, high2 = boxes1[..., :2], boxes1[..., 2:], boxes2[..., :2], boxes2[..., 2:]
+    inter = area((torch.min(high1, high2) - torch.max(low1, low2)).clamp(min=0))
+    union = area(high1 - low1) + area(high2 - low2) - inter
+    hull = area(torch.max(high1, high2) - torch.min(low1, low2))
     return inter / (union + eps) - (hull - union) / (hull + eps)

@@ -9,6 +9,7 @@ from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask
 from odkd.engine.distill_task import build_distillation_task
+from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
 from odkd.matching import map_priors
 from odkd.models import build_model
@@ -193,14 +194,15 @@ def test_distillation_resumes_exactly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("methods, dfl_bins", [(None, 0), ("[chen2017, hinton, fgd, crosskd]", 0), ("[ld]", 4)])
 def test_cuda_training_step_never_waits_for_the_gpu(methods, dfl_bins):
-    """Matching, losses, distillers, backward, clipping and the fused SGD step queue GPU work without one
-    host synchronisation (which would idle the GPU until the host launches the next kernel)."""
+    """Matching, losses, distillers, backward, clipping, the fused SGD step and the EMA update queue GPU
+    work without one host synchronisation (which would idle the GPU until the host launches the next kernel)."""
     student, teacher = models("vgg16_lite300", dfl_bins)
     cfg = tiny_cfg(f"distill.methods={methods or '[hinton]'}")
     task = DetectionTask(student) if methods is None else build_distillation_task(cfg, student, teacher)
     task = task.cuda().train().to(memory_format=torch.channels_last)
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr=0.01)
+    ema = ModelEMA(task.model, decay=0.99)
     batch = [t.cuda() for t in tiny_batch()]
 
     def step():
@@ -210,6 +212,7 @@ def test_cuda_training_step_never_waits_for_the_gpu(methods, dfl_bins):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         optimizer.step()
+        ema.update(task.model)
 
     step()  # lazy set-up: cuDNN autotuning, optimizer state
     torch.cuda.set_sync_debug_mode("error")

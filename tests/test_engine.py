@@ -16,6 +16,7 @@ from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_distributed
 from odkd.engine.build import build_datasets, build_detector
+from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
 from odkd.engine.trainer import latest_checkpoint
 
@@ -46,6 +47,39 @@ def test_optimizer_update_by_hand_and_fused_on_cuda():
             weight.grad = torch.ones_like(weight)
             optimizer.step()
         assert weight.item() == pytest.approx(1.7012, abs=1e-6)
+
+
+def test_model_ema_by_hand():
+    model = torch.nn.BatchNorm1d(1)  # float parameters and buffers, and an integer batch counter
+    ema = ModelEMA(model, decay=0.75)
+    assert not ema.module.training and not ema.module.weight.requires_grad
+
+    def state(module):
+        return module.weight.item(), module.running_mean.item(), module.num_batches_tracked.item()
+
+    def set_model(weight, mean, count):
+        with torch.no_grad():
+            model.weight.fill_(weight), model.running_mean.fill_(mean), model.num_batches_tracked.fill_(count)
+
+    set_model(2.0, 4.0, 3)
+    ema.update(model)  # the first update copies
+    assert (ema.module.weight.item(), ema.module.running_mean.item(), ema.module.num_batches_tracked.item()) == (
+        2,
+        4,
+        3,
+    )
+    set_model(6.0, 0.0, 5)
+    ema.update(model)  # 0.75 * 2 + 0.25 * 6 = 3; 0.75 * 4 + 0.25 * 0 = 3; the counter is copied
+    assert (ema.module.weight.item(), ema.module.running_mean.item(), ema.module.num_batches_tracked.item()) == (
+        3,
+        3,
+        5,
+    )
+    restored = ModelEMA(torch.nn.BatchNorm1d(1), decay=0.75)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 2 and restored.module.weight.item() == 3.0
+    with pytest.raises(ValueError, match="ema_decay"):
+        ModelEMA(model, decay=1.5)
 
 
 def tiny_config(tmp_path, *extra):
@@ -98,8 +132,8 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed.iteration == 4
     a, b = straight.task.state_dict(), resumed.task.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    ema_a, ema_b = straight.ema.state_dict(), resumed.ema.state_dict()
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a) and straight.ema.updates == resumed.ema.updates == 4
     assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
     # A checkpoint written on a GPU (fused SGD) resumes here with this machine's kernels.
     state = straight.state_dict()
@@ -153,7 +187,9 @@ def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
         for s, t in zip(before["optimizer"]["state"].values(), skipped["optimizer"]["state"].values(), strict=True)
     ]
     assert momentum and all(torch.equal(a, b) for a, b in momentum)
-    assert all(torch.equal(before["ema"][k], skipped["ema"][k]) for k in before["ema"])
+    ema_before, ema_skipped = before["ema"]["module"], skipped["ema"]["module"]
+    assert all(torch.equal(ema_before[k], ema_skipped[k]) for k in ema_before)
+    assert before["ema"]["updates"] == skipped["ema"]["updates"] == 1
 
 
 def test_resume_refuses_another_model(tmp_path):

@@ -115,7 +115,7 @@ def test_decode_never_returns_inf():
 
 
 def test_paired_giou_by_hand_and_against_torchvision():
-    from torchvision.ops import generalized_box_iou
+    from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
     a = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0], [0.1, 0.2, 0.5, 0.9]])
     b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [1.0, 1.0, 3.0, 3.0], [0.1, 0.2, 0.5, 0.9]])
@@ -126,6 +126,11 @@ def test_paired_giou_by_hand_and_against_torchvision():
     boxes1, boxes2 = torch.cat((low[0], low[0] + size[0]), -1), torch.cat((low[1], low[1] + size[1]), -1)
     expected = generalized_box_iou(boxes1.view(-1, 4), boxes2.view(-1, 4)).diagonal().view(5, 7)
     torch.testing.assert_close(paired_giou(boxes1, boxes2), expected)
+    # The same float operations as torchvision's loss, forward and backward (CrossKD's results did not move).
+    boxes1.requires_grad_()
+    ours, theirs = 1 - paired_giou(boxes1, boxes2), generalized_box_iou_loss(boxes1, boxes2)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(loss.sum(), boxes1)[0] for loss in (ours, theirs)))
 
 
 def test_gt_below_threshold_gets_its_forced_prior():

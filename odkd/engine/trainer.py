@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from odkd.checkpoint import atomic_save, save_model
 from odkd.config import Config, config_to_dict, save_config, scaled_lr
 from odkd.data import DetectionDataset, build_loader, prefetch_to_device
 from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
 
@@ -89,11 +89,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg.optim, scaled_lr(cfg, self.info.world_size))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-            if cfg.train.ema_decay
-            else None
-        )
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         step_module: nn.Module = self.task
         if self.info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -322,7 +318,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
 
     # ------------------------------------------------------------------------------------ plumbing
     def _on_signal(self, signum: int, frame) -> None:

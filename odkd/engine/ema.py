@@ -1,0 +1,52 @@
+"""An exponential moving average (EMA) of a model's weights, evaluated and exported instead of the raw ones."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+
+__all__ = ["ModelEMA"]
+
+
+class ModelEMA:
+    """``ema = decay * ema + (1 - decay) * model`` after each optimizer step (:meth:`update`).
+
+    The first update copies the model; later ones average its floating-point parameters and buffers
+    (BN statistics included) with one multi-tensor lerp on the device, and copy integer buffers (BN's
+    batch counters). The update count lives on the host, so an update never waits for the GPU (torch's
+    ``AveragedModel`` reads its device-side count twice per update).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = list(zip(_tensors(self.module), _tensors(model), strict=True))
+        if self.updates == 0:
+            torch._foreach_copy_([ema for ema, _ in pairs], [new for _, new in pairs])
+        else:
+            floats = [(ema, new) for ema, new in pairs if ema.is_floating_point()]
+            torch._foreach_lerp_([ema for ema, _ in floats], [new for _, new in floats], 1.0 - self.decay)
+            for ema, new in pairs:
+                if not ema.is_floating_point():
+                    ema.copy_(new)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+def _tensors(model: nn.Module) -> itertools.chain:
+    return itertools.chain(model.parameters(), model.buffers())
