@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -426,7 +427,8 @@ def bench_train(args: argparse.Namespace) -> None:
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
         start = time.perf_counter()
-        trainer.fit()
+        with GpuBusySampler(trainer.device) as busy:
+            trainer.fit()
         wall = time.perf_counter() - start
         metrics = Path(folder) / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -449,6 +451,7 @@ def bench_train(args: argparse.Namespace) -> None:
     )
     if trainer.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.2f} GiB")
+        print(f"GPU busy during the loop (NVML, after the first 20% of the run): {busy.summary()}")
     if trainer.info.distributed:
         return  # the phase breakdown times one process's step pieces, outside DDP's wrapper
     phases = _phase_times(trainer, args.iters, args.warmup)
@@ -458,6 +461,40 @@ def bench_train(args: argparse.Namespace) -> None:
         print(f"  {phase:<16}{1000 * seconds:9.1f} ms {100 * seconds / step:5.1f}%")
     busy = 1 - phases["data wait"] / step
     print(f"  {'step':<16}{1000 * step:9.1f} ms -> {args.batch / step:.1f} images/s; device busy {100 * busy:.1f}%")
+
+
+class GpuBusySampler:
+    """Samples NVML's GPU utilisation (the share of time a kernel was running, what nvidia-smi shows)
+    every 0.1 s in a thread while the block runs; nothing on CPU or without the nvidia-ml-py package."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples, self.error = device, [], None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception as err:  # no NVML (package or driver): say so instead of a number
+                self.error = str(err).splitlines()[0]
+                return
+
+    def __enter__(self) -> GpuBusySampler:
+        if self.device.type == "cuda":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> str:
+        steady = self.samples[len(self.samples) // 5 :]  # the start (data writing, warm-up, compile) left out
+        if not steady:
+            return f"n/a ({self.error or 'no samples'})"
+        return f"median {statistics.median(steady):.0f}%, mean {statistics.mean(steady):.0f}% of {len(steady)} samples"
 
 
 def _device_name(device: torch.device) -> str:

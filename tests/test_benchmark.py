@@ -27,3 +27,23 @@ def test_end_to_end_eval_benchmark(tmp_path, run_script):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "4 synthetic 375-500 px JPEGs" in done.stdout
     assert re.search(r"total\s+[\d.]+ s\s+[\d.]+ images/s", done.stdout)
+
+
+def test_gpu_busy_sampler_says_why_it_has_no_number():
+    import importlib.util
+    import time
+
+    import torch
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with benchmark.GpuBusySampler(torch.device("cpu")) as cpu:
+        time.sleep(0.25)
+    assert cpu.summary() == "n/a (no samples)"  # nothing is sampled on the CPU
+    if not torch.cuda.is_available():
+        with benchmark.GpuBusySampler(torch.device("cuda")) as gpu:
+            time.sleep(0.25)  # the thread asks NVML, which is not there, and keeps its error
+        assert gpu.summary().startswith("n/a (") and gpu.summary() != "n/a (no samples)"
