@@ -592,7 +592,7 @@ def bench_kd(args: argparse.Namespace) -> None:
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     loss = sub.add_parser("loss", help="matching + MultiBoxLoss on random targets")
@@ -667,7 +667,11 @@ def main() -> None:
     kd.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
     kd.add_argument("overrides", nargs="*", help="more config overrides for both runs, section.key=value")
     kd.set_defaults(run=bench_kd)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.run(args)
 
 

@@ -1,6 +1,14 @@
 """The benchmark commands run end to end at tiny sizes (their numbers are measured elsewhere, not asserted)."""
 
+import importlib.util
 import re
+import shlex
+import subprocess
+import time
+
+import torch
+
+from tests.conftest import ROOT
 
 
 def test_train_and_distill_benchmarks_report_throughput_and_phases(tmp_path, run_script):
@@ -29,17 +37,15 @@ def test_end_to_end_eval_benchmark(tmp_path, run_script):
     assert re.search(r"total\s+[\d.]+ s\s+[\d.]+ images/s", done.stdout)
 
 
-def test_gpu_busy_sampler_says_why_it_has_no_number():
-    import importlib.util
-    import time
-
-    import torch
-
-    from tests.conftest import ROOT
-
+def load_benchmark_script():
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_gpu_busy_sampler_says_why_it_has_no_number():
+    benchmark = load_benchmark_script()
     with benchmark.GpuBusySampler(torch.device("cpu")) as cpu:
         time.sleep(0.25)
     assert cpu.summary() == "n/a (no samples)"  # nothing is sampled on the CPU
@@ -47,3 +53,17 @@ def test_gpu_busy_sampler_says_why_it_has_no_number():
         with benchmark.GpuBusySampler(torch.device("cuda")) as gpu:
             time.sleep(0.25)  # the thread asks NVML, which is not there, and keeps its error
         assert gpu.summary().startswith("n/a (") and gpu.summary() != "n/a (no samples)"
+
+
+def test_cuda_benchmark_script_runs_valid_commands():
+    """scripts/benchmark_cuda.sh only runs on a GPU: here every benchmark line it holds must parse."""
+    script = (ROOT / "scripts" / "benchmark_cuda.sh").read_text()
+    assert subprocess.run(["bash", "-n", ROOT / "scripts" / "benchmark_cuda.sh"]).returncode == 0
+    train = re.search(r'^train="(.*)"$', script, re.M).group(1)
+    lines = [line for line in script.splitlines() if line.startswith("$bench ")]
+    assert len(lines) >= 8
+    parser = load_benchmark_script().build_parser()
+    for line in lines:
+        words = line.replace("$train", train).replace('"$workers"', "$workers").replace("$workers", "7")
+        args = parser.parse_args(shlex.split(words)[1:])
+        assert args.benchmark in {"loss", "models", "train", "distill", "eval"}, line
