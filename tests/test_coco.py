@@ -1,7 +1,9 @@
 """COCO-format data: loading, bad-data errors, pycocotools evaluation, evaluate.py and training on it."""
 
 import json
+import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -141,6 +143,22 @@ def test_coco_evaluation_by_hand(coco_root, tmp_path):
     # Another tool's results file may hold classes outside the evaluated list: they are left out.
     subset = COCODataset(dataset.annotation_file, coco_root / "images", present[:1])
     assert set(read_coco_results(path, subset)) == {present[0]}
+
+
+def test_coco_ground_truth_is_read_again_when_its_file_changes(coco_root, tmp_path):
+    path = tmp_path / "instances.json"
+    shutil.copy(coco_root / "annotations" / "instances_test.json", path)
+    dataset = COCODataset(path, coco_root / "images")
+    detections = gt_as_detections(dataset)
+    assert evaluate_coco(detections, dataset).mAP == pytest.approx(1.0)
+    assert evaluate_coco(detections, dataset).mAP == pytest.approx(1.0)  # from the index kept in memory
+    data = json.loads(path.read_text())
+    for ann in data["annotations"]:  # the ground truth moves right by 0.24 of its width: AP 0.3 (see above)
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [x + 0.24 * w, y, w, h]
+    path.write_text(json.dumps(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert evaluate_coco(detections, dataset).mAP == pytest.approx(0.3, abs=1e-6)
 
 
 def test_evaluate_script_in_coco_mode(coco_root, tmp_path, run_script):

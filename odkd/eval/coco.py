@@ -9,6 +9,7 @@ restricted to the images and categories the dataset holds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -118,7 +119,6 @@ def evaluate_coco(detections: Mapping[str, ClassDetections | tuple], dataset) ->
     """COCO metrics of ``detections`` (class name -> detections) on ``dataset`` (a
     :class:`~odkd.data.coco.COCODataset`)."""
     try:
-        from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as err:
         raise ImportError('COCO evaluation needs pycocotools: pip install -e ".[coco]"') from err
@@ -130,7 +130,7 @@ def evaluate_coco(detections: Mapping[str, ClassDetections | tuple], dataset) ->
         ap = {name: 0.0 if k in labels else nan for k, name in enumerate(dataset.class_names, start=1)}
         return COCOResult(0.0, {k: 0.0 for k in COCO_STATS}, ap, dict(ap))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step on stdout
-        ground_truth = COCO(str(dataset.annotation_file))
+        ground_truth = _ground_truth(Path(dataset.annotation_file))
         evaluation = COCOeval(ground_truth, ground_truth.loadRes(records), "bbox")
         evaluation.params.imgIds = list(dataset.coco_ids)
         evaluation.params.catIds = list(dataset.category_ids)
@@ -150,6 +150,20 @@ def evaluate_coco(detections: Mapping[str, ClassDetections | tuple], dataset) ->
     ap50 = {name: mean_valid(precision[0, :, k]) for name, k in zip(dataset.class_names, column, strict=True)}
     stats = {k: (nan if v < 0 else float(v)) for k, v in zip(COCO_STATS, evaluation.stats, strict=True)}
     return COCOResult(stats["AP"], stats, ap, ap50)
+
+
+def _ground_truth(path: Path):
+    """pycocotools' index of the annotation file, loaded once per file version (about 1 s for val2017,
+    at every evaluation of a training run otherwise)."""
+    stat = path.stat()
+    return _load_ground_truth(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_ground_truth(path: str, mtime_ns: int, size: int):
+    from pycocotools.coco import COCO
+
+    return COCO(path)
 
 
 def format_coco_table(result: COCOResult) -> str:
