@@ -11,6 +11,7 @@ from odkd.engine import DetectionTask
 from odkd.engine.distill_task import build_distillation_task
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
+from odkd.engine.trainer import any_gt_count
 from odkd.matching import map_priors
 from odkd.models import build_model
 from odkd.priors import build_priors
@@ -226,7 +227,8 @@ def test_cuda_training_step_never_waits_for_the_gpu(methods, dfl_bins):
 @pytest.mark.parametrize("methods, dfl_bins", [(None, 0), ("[chen2017, hinton, fgd, crosskd]", 0), ("[ld]", 4)])
 def test_training_step_is_one_graph_for_torch_compile(methods, dfl_bins):
     """train.compile: TorchDynamo captures the whole step (student, teacher, matching, losses, distillers) in
-    one graph with no break, and the step counter of schedules such as mu's does not recompile it."""
+    one graph with no break, and neither the step counter of schedules such as mu's nor the GT count of a
+    batch recompiles it."""
     from torch._dynamo.utils import counters
 
     student, teacher = models("mobilenetv2_ssdlite300", dfl_bins)
@@ -236,7 +238,10 @@ def test_training_step_is_one_graph_for_torch_compile(methods, dfl_bins):
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(task.train(), backend="eager")  # capture only: no code generation needed here
-    for _ in range(3):
-        sum(compiled(*tiny_batch()).values()).backward()
+    images, boxes, labels = tiny_batch()
+    for extra in range(3):  # padded to 2, 3 and 4 GT per image, as the largest GT count changes in training
+        padded = (torch.cat((boxes, torch.zeros(2, extra, 4)), 1), torch.cat((labels, torch.full((2, extra), -1)), 1))
+        any_gt_count(*padded)
+        sum(compiled(images, *padded).values()).backward()
     assert dict(counters["frames"]) == {"total": 1, "ok": 1} and not counters["graph_break"]
     assert methods is None or task.iteration == 3

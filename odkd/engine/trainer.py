@@ -32,7 +32,7 @@ from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
 
-__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "latest_checkpoint"]
+__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "any_gt_count", "latest_checkpoint"]
 
 log = logging.getLogger("odkd")
 TRAIN_FORMAT = "odkd-train"
@@ -243,6 +243,8 @@ class Trainer:
         bad_in_a_row, window_images, window_start = 0, 0, time.perf_counter()
         checkpoint = None
         for images, boxes, labels in prefetch_to_device(loader, self.device):
+            if cfg.compile:
+                any_gt_count(boxes, labels)
             with self.autocast():
                 losses = self.step_module(images, boxes, labels)
             loss = sum(losses.values())
@@ -336,6 +338,13 @@ class Trainer:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(key, value, record["iter"])
+
+
+def any_gt_count(*targets: torch.Tensor) -> None:
+    """Tell torch.compile that the padded GT count (dim 1 of boxes and labels) changes from batch to
+    batch, so the step is compiled once for any count rather than again when the count first changes."""
+    for tensor in targets:
+        torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
 def _start_copy_to_host(values: torch.Tensor) -> Callable[[], torch.Tensor]:
