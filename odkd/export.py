@@ -44,7 +44,7 @@ class DeployedDetector(nn.Module):
         self.postprocess_kwargs = postprocess_kwargs
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(self.model.preprocessing.normalize(images))
+        out = self.model(self.model.normalize(images))
         if self.postprocess:
             return tuple(postprocess_flat(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs))
         return decode(out.loc.float(), self.model.priors).clamp(0.0, 1.0), out.conf.float().softmax(dim=-1)

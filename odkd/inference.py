@@ -89,7 +89,7 @@ class Predictor:
     def detect_batch(self, images: torch.Tensor, on_cpu: bool = False) -> list[Detections]:
         """``images`` (B, 3, S, S) uint8 RGB at the model's input size -> one Detections per image, boxes
         x1,y1,x2,y2 relative to the image, on the device (or all copied to the CPU at once)."""
-        images = self.model.preprocessing.normalize(images.to(self.device, non_blocking=True))
+        images = self.model.normalize(images.to(self.device, non_blocking=True))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.model(images)
             return postprocess(out.loc, out.conf, self.model.priors, on_cpu, **self.postprocess_kwargs)

@@ -92,7 +92,7 @@ def test_detection_task_adds_the_dfl_term():
     images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8)
     boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.7]], [[0.3, 0.2, 0.9, 0.5]]])
     labels = torch.tensor([[1], [2]])
-    out = model(model.preprocessing.normalize(images))
+    out = model(model.normalize(images))
     losses, targets = task.detection_losses(out, boxes, labels)
     assert set(losses) == {"loc", "conf", "dfl"}
     # Independently: the positives' edges in bin units (4 intervals over 2 prior sizes), DFL averaged over

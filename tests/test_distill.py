@@ -105,7 +105,7 @@ def test_other_layouts_need_prior_mapping():
     assert task.teacher_index.shape == (3000,)
     images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8)  # BN needs 2 images at the 1x1 level
     with torch.no_grad():
-        teacher_out = task.teacher(task.teacher.preprocessing.normalize(images))
+        teacher_out = task.teacher(task.teacher.normalize(images))
     loc, conf = task.paired_teacher_outputs(teacher_out.loc, teacher_out.conf)
     assert (
         loc.shape == (2, 3000, 4) and conf.shape == (2, 3000, 3) and teacher_out.conf_maps[0].shape == (2, 12, 38, 38)

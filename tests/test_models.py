@@ -101,6 +101,13 @@ def test_preprocessing_normalize():
     torch.testing.assert_close(qf.normalize(bgr, channels="BGR").flatten(), torch.tensor([1.0, 0.0, -127 / 128]))
     with pytest.raises(ValueError):
         Preprocessing(mean=(0, 0, 0), std=(1, 0, 1))
+    # A model normalises with its own tensors, kept in step with its preprocessing (also a BGR one).
+    model = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.35)
+    rgb = torch.tensor([255.0, 127.0, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.normalize(rgb), IMAGENET.normalize(rgb))
+    model.preprocessing = Preprocessing(mean=(127, 127, 127), std=(128, 128, 128), channels="BGR")
+    torch.testing.assert_close(model.normalize(rgb).flatten(), torch.tensor([-127 / 128, 0.0, 1.0]))
+    assert "pixel_mean" not in model.state_dict()  # model files keep the preprocessing as numbers
 
 
 def test_l2norm_by_hand_and_in_half_precision():

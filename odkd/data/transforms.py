@@ -5,7 +5,7 @@ Train: photometric distortion -> expand (zoom out onto a mean-filled canvas) -> 
 every step and boxes that vanish are dropped with their labels.
 
 The image leaves as a ``(3, S, S)`` uint8 tensor: normalisation with the model's preprocessing
-(:meth:`odkd.models.Preprocessing.normalize`) runs batched on the training device, so a quarter of
+(:meth:`odkd.models.SSD.normalize`) runs batched on the training device, so a quarter of
 the bytes cross to the GPU. Pass ``preprocessing`` to get normalised float32 images here instead.
 """
 

@@ -129,7 +129,7 @@ class DistillationTask(DetectionTask):
     def predict(self, images: torch.Tensor) -> tuple[SSDOutput, SSDOutput]:
         """The student's output (with gradient) and the teacher's (without)."""
         with torch.no_grad():
-            teacher_out = self.teacher(self.teacher.preprocessing.normalize(images))
+            teacher_out = self.teacher(self.teacher.normalize(images))
         return super().predict(images), teacher_out
 
     def losses(

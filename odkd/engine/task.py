@@ -55,7 +55,7 @@ class DetectionTask(nn.Module):
 
     def predict(self, images: torch.Tensor) -> SSDOutput:
         """The networks' pass: ``images`` (B, 3, S, S) uint8 RGB on the device -> the model's output."""
-        return self.model(self.model.preprocessing.normalize(images))
+        return self.model(self.model.normalize(images))
 
     def losses(self, outputs: SSDOutput, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Matching and the loss terms of :meth:`predict`'s ``outputs``."""

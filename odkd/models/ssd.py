@@ -147,6 +147,10 @@ class SSD(nn.Module):
         self.loc_heads = loc_heads
         self.num_classes = num_classes
         self.layout = get_layout(layout)
+        # The preprocessing's mean and std as device tensors, kept in step with it by its setter: tensors
+        # built from its numbers at every call would be a blocking copy to the GPU in every step.
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
         self.preprocessing = preprocessing
         self.spec = {**(spec or {"name": "custom"}), "num_classes": num_classes}
         if dfl_bins:  # plain heads keep the spec (and so the model files) they always had
@@ -159,6 +163,25 @@ class SSD(nn.Module):
     @property
     def arch(self) -> str:
         return self.spec["name"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the weights expect as input (saved in model files)."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, preprocessing: Preprocessing) -> None:
+        self._preprocessing = preprocessing
+        with torch.no_grad():
+            self.pixel_mean.copy_(torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+            self.pixel_std.copy_(torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB pixels in 0-255 (uint8 or float) on the model's device -> network input:
+        :attr:`preprocessing` applied with the model's own tensors (no copy from the host)."""
+        if self.preprocessing.channels != "RGB":
+            images = images.flip(1)
+        return (images.float() - self.pixel_mean.float()) / self.pixel_std.float()
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
