@@ -78,6 +78,12 @@ def test_model_ema_by_hand():
     restored = ModelEMA(torch.nn.BatchNorm1d(1), decay=0.75)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 2 and restored.module.weight.item() == 3.0
+    # Training checkpoints from before ModelEMA hold torch's AveragedModel state: they resume the same.
+    averaged = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    averaged.update_parameters(model)
+    old = ModelEMA(torch.nn.BatchNorm1d(1), decay=0.75)
+    old.load_state_dict(averaged.state_dict())
+    assert old.updates == 1 and state(old.module) == (6, 0, 5)
     with pytest.raises(ValueError, match="ema_decay"):
         ModelEMA(model, decay=1.5)
 

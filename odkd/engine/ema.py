@@ -44,6 +44,9 @@ class ModelEMA:
         return {"module": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
+        if "n_averaged" in state:  # written by torch's AveragedModel (odkd before ModelEMA): same weights
+            module = {key.removeprefix("module."): value for key, value in state.items() if key != "n_averaged"}
+            state = {"module": module, "updates": int(state["n_averaged"])}
         self.module.load_state_dict(state["module"])
         self.updates = state["updates"]
 
