@@ -51,6 +51,43 @@ def test_crop_honours_its_iou_constraint():
     assert {None, 0.1, 0.3, 0.5, 0.7, 0.9, -np.inf} <= seen
 
 
+def reference_min_iou_crop(boxes, width, height, rng, min_ious=(0.1, 0.3, 0.5, 0.7, 0.9), max_trials=50):
+    """SSD's crop sampling written plainly with arrays: the same random draws in the same order."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    for _ in range(10):
+        min_iou = rng.choice([None, *min_ious, -np.inf])
+        if min_iou is None:
+            break
+        for _ in range(max_trials):
+            w, h = int(rng.uniform(0.3, 1.0) * width), int(rng.uniform(0.3, 1.0) * height)
+            if w < 1 or h < 1 or not 0.5 <= h / w <= 2.0:
+                continue
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            rect = (left, top, left + w, top + h)
+            if len(boxes) == 0:
+                return rect, min_iou
+            low, high = np.maximum(boxes[:, :2], rect[:2]), np.minimum(boxes[:, 2:], rect[2:])
+            inter = np.prod(np.maximum(high - low, 0), axis=1)
+            areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+            if (inter / (areas + w * h - inter)).min() < min_iou:
+                continue
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            if ((centres > rect[:2]) & (centres < rect[2:])).all(axis=1).any():
+                return rect, min_iou
+    return (0, 0, width, height), None
+
+
+def test_crop_sampler_makes_the_reference_choices():
+    np_rng = np.random.default_rng(1)
+    for case in range(1500):
+        width, height = int(np_rng.integers(50, 1500)), int(np_rng.integers(50, 1500))
+        n = [0, 1, 2, 3, 5, 40][case % 6]  # up to a crowded VOC image
+        x1, y1 = np_rng.uniform(0, width * 0.9, n), np_rng.uniform(0, height * 0.9, n)
+        boxes = np.stack([x1, y1, x1 + np_rng.uniform(1, width / 2, n), y1 + np_rng.uniform(1, height / 2, n)], 1)
+        got = sample_min_iou_crop(boxes, width, height, random.Random(case))
+        assert got == reference_min_iou_crop(boxes, width, height, random.Random(case)), case
+
+
 def test_crop_keeps_boxes_whose_centre_is_inside_and_clips_them():
     crop = MinIoURandomCrop()
     # Normalised to a 100x100 image, label in the last column; crop (20, 20)-(70, 70).
