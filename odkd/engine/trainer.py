@@ -1,7 +1,9 @@
 """The iteration-based training loop shared by train_teacher.py and distill.py.
 
-Per iteration: uint8 batch -> device -> normalise (model preprocessing) -> task forward under autocast
-(bf16, or fp16 + GradScaler) -> losses -> backward -> clip -> SGD step -> lr schedule -> EMA. Around it:
+Per iteration: uint8 batch -> device (copied one batch ahead on a side stream) -> normalise (model
+preprocessing) -> task forward under autocast (bf16, or fp16 + GradScaler) -> losses -> backward -> clip
+-> SGD step -> lr schedule -> EMA, with no host synchronisation but one read of the NaN/stop flags after
+the backward pass is queued. Around it:
 periodic evaluation (best checkpoint by mAP), atomic checkpoints (last K kept) that resume exactly,
 NaN/inf steps skipped (stop after K in a row), SIGINT/SIGTERM -> checkpoint and clean exit, tqdm,
 a JSONL metrics log and TensorBoard when installed. Runs on CPU, one GPU, or many under torchrun.
