@@ -92,7 +92,7 @@ class Predictor:
         images = self.model.normalize(images.to(self.device, non_blocking=True))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.model(images)
-            return postprocess(out.loc, out.conf, self.model.priors, on_cpu, **self.postprocess_kwargs)
+            return postprocess(out.loc, out.conf, self.model.priors, on_cpu=on_cpu, **self.postprocess_kwargs)
 
     def __call__(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]

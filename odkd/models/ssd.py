@@ -43,12 +43,23 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def normalize(self, images: torch.Tensor, channels: str = "RGB") -> torch.Tensor:
-        """``(B, 3, H, W)`` pixels in 0-255, channel order ``channels`` -> network input (float)."""
+    def normalize(
+        self,
+        images: torch.Tensor,
+        channels: str = "RGB",
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, 3, H, W)`` pixels in 0-255, channel order ``channels`` -> network input (float).
+
+        ``mean`` / ``std``: these numbers as ``(1, 3, 1, 1)`` tensors already on the images' device, when
+        the caller keeps them there (:meth:`SSD.normalize`); otherwise they are made here, a copy from the
+        host at every call."""
         if channels != self.channels:
             images = images.flip(1)
-        mean = images.new_tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = images.new_tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        if mean is None or std is None:
+            mean = images.new_tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+            std = images.new_tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         return (images.float() - mean) / std
 
 
@@ -179,9 +190,7 @@ class SSD(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` RGB pixels in 0-255 (uint8 or float) on the model's device -> network input:
         :attr:`preprocessing` applied with the model's own tensors (no copy from the host)."""
-        if self.preprocessing.channels != "RGB":
-            images = images.flip(1)
-        return (images.float() - self.pixel_mean.float()) / self.pixel_std.float()
+        return self.preprocessing.normalize(images, mean=self.pixel_mean, std=self.pixel_std)
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
