@@ -104,7 +104,9 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler (CUDA only)
     channels_last: bool = True  # CUDA only
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training step
+    # torch.compile's mode; "reduce-overhead" replays the step as CUDA graphs (one per padded GT count)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     ema_decay: float | None = None  # keep an EMA of the weights (e.g. 0.9998) and evaluate it
     log_every: int = 20
     eval_every: int = 5000

@@ -348,7 +348,8 @@ def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log
         f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", f"optim.max_iters={max_iters}",
         "optim.warmup_iters=0",
         f"train.output_dir={output_dir}", f"train.amp={args.amp}", f"train.channels_last={args.channels_last}",
-        f"train.compile={args.compile}", f"train.log_every={log_every}", f"train.eval_every={10 * max_iters}",
+        f"train.compile={args.compile}", f"train.compile_mode={args.compile_mode}",
+        f"train.log_every={log_every}", f"train.eval_every={10 * max_iters}",
         f"train.checkpoint_every={max_iters}", "train.keep_last=1",
     ]  # fmt: skip
     if args.cache:
@@ -386,8 +387,11 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
     times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     task = trainer.task.train()
     # The pieces compiled as the trainer compiles the whole (two graphs here, one there).
+    mode = cfg.train.compile_mode
     predict, losses = (
-        (torch.compile(task.predict), torch.compile(task.losses)) if cfg.train.compile else (task.predict, task.losses)
+        (torch.compile(task.predict, mode=mode), torch.compile(task.losses, mode=mode))
+        if cfg.train.compile
+        else (task.predict, task.losses)
     )
     batches = prefetch_to_device(loader, trainer.device)
     for step in range(warmup + iters):
@@ -395,6 +399,7 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
         images, boxes, labels = next(batches)
         if cfg.train.compile:
             any_gt_count(boxes, labels)
+            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: last step's outputs are dead
         sync()
         marks.append(time.perf_counter())
         with trainer.autocast():
@@ -449,8 +454,9 @@ def bench_train(args: argparse.Namespace) -> None:
     channels_last = args.channels_last and trainer.device.type == "cuda"
     print(
         f"{args.benchmark}: {what}, batch {args.batch} per process x {trainer.info.world_size}, "
-        f"{trainer.model.image_size} px, {precision}, channels_last {channels_last}, compile {args.compile}, "
-        f"{args.workers} loader workers; {_device_name(trainer.device)}, torch {torch.__version__}"
+        f"{trainer.model.image_size} px, {precision}, channels_last {channels_last}, "
+        f"compile {args.compile} ({args.compile_mode}), {args.workers} loader workers; "
+        f"{_device_name(trainer.device)}, torch {torch.__version__}"
     )
     print(
         f"end to end, the trainer's loop: {statistics.mean(steady):.1f} images/s in total (iterations "
@@ -653,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
         train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
         train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+        train.add_argument(
+            "--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)"
+        )
         train.add_argument("--cache", action="store_true", help="read decoded images from data.cache_dir")
         if name == "distill":
             train.add_argument("--teacher-model", choices=sorted(MODELS), default="vgg16_lite300")

@@ -16,6 +16,7 @@ $bench models --device cuda --batches 1 64
 $bench train $train
 $bench train $train --cache
 $bench train $train --cache --compile
+$bench train $train --cache --compile --compile-mode reduce-overhead
 $bench train $train --cache --model vgg16_ssd300
 $bench distill $train --cache --teacher-model vgg16_lite300
 $bench distill $train --cache --teacher-model vgg16_lite300 --methods fgd crosskd

@@ -36,6 +36,7 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("train.amp=3", "train.amp: expected bool"),
         ("data.batch_size=true", "data.batch_size: expected int"),
         ("eval.metric=map", r"eval.metric: must be one of \[.voc07., .area., .coco.\]"),
+        ("train.compile_mode=fast", r"train.compile_mode: must be one of \[.default., .reduce-overhead., "),
         ("optim.milestones=[5, x]", r"optim.milestones\[1\]: expected int"),
         ("model.name=resnet", "model.name: unknown model 'resnet'"),
         ("data.classes=cityscapes", "data.classes: .cityscapes. is neither"),
