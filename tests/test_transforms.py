@@ -1,15 +1,17 @@
 """SSD augmentation: the crop's IoU rule, expand and flip geometry, and valid boxes whatever happens."""
 
+import itertools
 import random
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odkd.data.transforms import DetectionTransform, Expand, MinIoURandomCrop, build_transform, sample_min_iou_crop
+from odkd.data.transforms import DetectionTransform, ExpandCropFlipResize, build_transform, sample_min_iou_crop
 from odkd.models import IMAGENET
 
 
@@ -88,35 +90,130 @@ def test_crop_sampler_makes_the_reference_choices():
         assert got == reference_min_iou_crop(boxes, width, height, random.Random(case)), case
 
 
-def test_crop_keeps_boxes_whose_centre_is_inside_and_clips_them():
-    crop = MinIoURandomCrop()
-    # Normalised to a 100x100 image, label in the last column; crop (20, 20)-(70, 70).
-    boxes = np.array([[0.1, 0.1, 0.4, 0.4, 1], [0.6, 0.6, 0.95, 0.95, 2], [0.3, 0.3, 0.5, 0.5, 3]])
-    out = crop.apply_to_bboxes(boxes, crop=(20, 20, 70, 70), shape=(100, 100, 3))
-    # centres: (25, 25) inside -> clipped to (20, 20, 40, 40); (77.5, 77.5) outside; (40, 40) inside.
-    np.testing.assert_allclose(out, [[0.0, 0.0, 0.4, 0.4, 1], [0.2, 0.2, 0.6, 0.6, 3]])
+def test_geometry_keeps_boxes_whose_centre_is_inside_clips_and_flips_them():
+    step = ExpandCropFlipResize(size=100, fill=(1, 2, 3))
+    # A 100 x 50 image at (20, 10) on the canvas, cropped to canvas (10, 0)-(110, 50), flipped.
+    params = {"offset": (20, 10), "crop": (10, 0, 110, 50), "flip": True, "shape": (50, 100, 3)}
+    # Normalised to the image, label in the last column. In canvas pixels: (30, 15, 50, 55), centre (40, 35)
+    # inside -> clipped (30, 15, 50, 50) -> crop-relative (0.2, 0.3, 0.4, 1) -> flipped (0.6, 0.3, 0.8, 1);
+    # (20, 10, 120, 60) -> (10, 10, 100, 50) in the crop -> (0.1, 0.2, 1, 1) -> (0, 0.2, 0.9, 1);
+    # (105, 10, 120, 20) has its centre (112.5, 15) right of the crop: dropped with its label.
+    boxes = np.array([[0.1, 0.1, 0.3, 0.9, 1], [0, 0, 1, 1, 2], [0.85, 0, 1, 0.2, 3]])
+    out = step.apply_to_bboxes(boxes, **params)
+    np.testing.assert_allclose(out, [[0.6, 0.3, 0.8, 1.0, 1], [0.0, 0.2, 0.9, 1.0, 2]], atol=1e-12)
+    # The pixels: canvas x < 20 or y < 10 is fill; the crop is stretched x2 vertically, then flipped.
+    image = np.full((50, 100, 3), 200, dtype=np.uint8)
+    pixels = step.apply(image, **params)
+    assert pixels.shape == (100, 100, 3)
+    assert (pixels[5, 50] == [1, 2, 3]).all()  # row 5 -> canvas y 2.25: above the image
+    assert (pixels[60, 95] == [1, 2, 3]).all()  # column 95 -> unflipped column 4 -> canvas x 14
+    assert (pixels[60, 5] == 200).all() and (pixels[60, 50] == 200).all()
 
 
-def test_expand_keeps_objects_on_the_same_pixels():
+def steps_apart(image, boxes, offset, crop, flip, size, fill):
+    """Expand, crop, flip and resize one after another, the plain way: the whole canvas is built."""
+    height, width = image.shape[:2]
+    left, top = offset
+    canvas_h, canvas_w = max(crop[3], top + height), max(crop[2], left + width)
+    canvas = np.empty((canvas_h, canvas_w, 3), dtype=image.dtype)
+    canvas[:] = fill
+    canvas[top : top + height, left : left + width] = image
+    part = canvas[crop[1] : crop[3], crop[0] : crop[2]]
+    if flip:
+        part = part[:, ::-1]
+    out = cv2.resize(np.ascontiguousarray(part), (size, size), interpolation=cv2.INTER_LINEAR)
+    kept = []
+    for x1, y1, x2, y2 in boxes:
+        x1, y1, x2, y2 = x1 + left, y1 + top, x2 + left, y2 + top
+        if not (crop[0] < (x1 + x2) / 2 < crop[2] and crop[1] < (y1 + y2) / 2 < crop[3]):
+            continue
+        x1, x2 = min(max(x1, crop[0]), crop[2]) - crop[0], min(max(x2, crop[0]), crop[2]) - crop[0]
+        y1, y2 = min(max(y1, crop[1]), crop[3]) - crop[1], min(max(y2, crop[1]), crop[3]) - crop[1]
+        w, h = crop[2] - crop[0], crop[3] - crop[1]
+        if flip:
+            x1, x2 = w - x2, w - x1
+        kept.append([x1 / w, y1 / h, x2 / w, y2 / h])
+    return out, np.array(kept).reshape(-1, 4)
+
+
+def test_one_step_geometry_equals_the_steps_apart():
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
-    boxes = np.array([[10, 5, 30, 25], [40, 20, 60, 40]], dtype=np.float32)
-    compose = A.Compose(
-        [Expand(max_ratio=3.0, fill=(1, 2, 3), p=1.0)],
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]),
-        seed=3,
-    )
-    out = compose(image=image, bboxes=boxes, labels=np.array([1, 2]))
-    big = out["image"]
-    assert big.shape[0] >= 40 and big.shape[1] >= 60 and big.shape[0] * 60 == pytest.approx(big.shape[1] * 40, rel=0.05)
-    after = np.round(out["bboxes"]).astype(int)
-    left, top = after[0, 0] - 10, after[0, 1] - 5  # where the image was pasted
-    for b, a in zip(boxes.astype(int), after, strict=True):
-        np.testing.assert_array_equal(a, b + np.array([left, top, left, top]))  # same size, same offset
-    np.testing.assert_array_equal(big[top : top + 40, left : left + 60], image)
-    outside = np.ones(big.shape[:2], dtype=bool)
-    outside[top : top + 40, left : left + 60] = False
-    assert (big[outside] == [1, 2, 3]).all()
+    fill = (124, 116, 104)
+    for case in range(300):
+        height, width = int(rng.integers(20, 200)), int(rng.integers(20, 200))
+        image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (5, 5), 2)
+        ratio = 1.0 if case % 3 == 0 else rng.uniform(1, 4)
+        canvas_w, canvas_h = int(width * ratio), int(height * ratio)
+        offset = int(rng.integers(0, canvas_w - width + 1)), int(rng.integers(0, canvas_h - height + 1))
+        cw, ch = int(rng.integers(1, canvas_w + 1)), int(rng.integers(1, canvas_h + 1))
+        x1, y1 = int(rng.integers(0, canvas_w - cw + 1)), int(rng.integers(0, canvas_h - ch + 1))
+        crop, flip, size = (x1, y1, x1 + cw, y1 + ch), bool(case % 2), int(rng.choice([32, 64, 300]))
+        n = int(rng.integers(0, 6))
+        bx, by = rng.uniform(0, width - 1, n), rng.uniform(0, height - 1, n)
+        boxes = np.stack(
+            [
+                bx,
+                by,
+                np.minimum(bx + rng.uniform(1, width, n), width),
+                np.minimum(by + rng.uniform(1, height, n), height),
+            ],
+            1,
+        )
+        expected_image, expected_boxes = steps_apart(image, boxes, offset, crop, flip, size, fill)
+
+        step = ExpandCropFlipResize(size, fill=fill)
+        params = {"offset": offset, "crop": crop, "flip": flip, "shape": image.shape}
+        got = step.apply(image, **params)
+        # Bilinear resizing and a flip commute up to the rounding of the interpolation weights.
+        assert got.shape == expected_image.shape and np.abs(got.astype(int) - expected_image).max() <= 1, case
+        normalised = np.concatenate([boxes / [width, height, width, height], np.arange(n)[:, None]], 1)
+        got_boxes = step.apply_to_bboxes(normalised, **params)
+        np.testing.assert_allclose(got_boxes[:, :4], expected_boxes, atol=1e-9, err_msg=str(case))
+
+
+def test_geometry_draws_expand_crop_and_flip_as_configured():
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    boxes = np.array([[0.2, 0.2, 0.6, 0.7]])
+    step = ExpandCropFlipResize(64)
+    draws = []
+    for seed in range(400):
+        step.set_random_seed(seed)
+        params = step.get_params_dependent_on_data({"shape": image.shape}, {"bboxes": boxes})
+        (left, top), crop, flip = params["offset"], params["crop"], params["flip"]
+        expanded = (left, top) != (0, 0) or crop[2] > 160 or crop[3] > 120
+        assert 0 <= crop[0] < crop[2] and 0 <= crop[1] < crop[3]
+        draws.append((expanded, flip, crop == (0, 0, crop[2], crop[3]) and not expanded))
+    expanded, flipped, _ = np.mean(draws, axis=0)
+    assert 0.4 < expanded < 0.6 and 0.4 < flipped < 0.6  # p = 0.5 each (a few expansions land at (0, 0))
+    never = ExpandCropFlipResize(64, expand_p=0.0, flip_p=0.0)
+    never.set_random_seed(0)
+    params = never.get_params_dependent_on_data({"shape": image.shape}, {"bboxes": boxes})
+    assert params["offset"] == (0, 0) and not params["flip"]
+    assert params["crop"][2] <= 160 and params["crop"][3] <= 120
+
+
+def test_each_augmentation_of_an_item_decides_independently():
+    """The item's seed must not make its p = 0.5 choices alike: albumentations seeds every transform with
+    the same number, which applied photometric distortion, expand and flip all together or not at all."""
+    transform = build_transform(True, 64)
+    photometric, geometry = transform.compose.transforms[:2], transform.compose.transforms[2]
+    image_shape, boxes = (120, 160, 3), np.array([[0.2, 0.2, 0.6, 0.7]])
+    decisions = []
+    for seed in range(400):
+        transform.set_seed(seed)
+        row = [t.should_apply() for t in photometric]
+        params = geometry.get_params_dependent_on_data({"shape": image_shape}, {"bboxes": boxes})
+        crop = params["crop"]
+        row += [params["offset"] != (0, 0) or crop[2] > 160 or crop[3] > 120, params["flip"]]
+        decisions.append(row)
+    decisions = np.array(decisions)
+    assert ((decisions.mean(axis=0) > 0.4) & (decisions.mean(axis=0) < 0.6)).all()  # each p = 0.5
+    for i, j in itertools.combinations(range(decisions.shape[1]), 2):
+        assert 0.4 < (decisions[:, i] == decisions[:, j]).mean() < 0.6, (i, j)  # independent, not the same draw
+    transform.set_seed(7)
+    first = [t.should_apply() for t in photometric]
+    transform.set_seed(7)
+    assert [t.should_apply() for t in photometric] == first  # and still reproducible from the seed
 
 
 def test_flip_maps_boxes_exactly():
