@@ -91,8 +91,8 @@ class ExpandCropFlipResize(DualTransform):
     flip (probability ``flip_p``) and resize to ``size x size`` (bilinear).
 
     The output is, up to rounding, what the four steps give one after another, but only the crop of the
-    canvas is ever built (the canvas itself can be 16x the image) and the flip runs on the small output
-    (bilinear resizing commutes with a flip), which makes it several times cheaper than the steps apart.
+    canvas is ever built (the canvas itself can be 16x the image), the flip runs on the small output
+    (bilinear resizing commutes with a flip) and the boxes are checked once, not after every step.
     """
 
     def __init__(

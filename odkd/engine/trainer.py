@@ -96,9 +96,7 @@ class Trainer:
         if self.info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             step_module = DistributedDataParallel(self.task, device_ids=ids)
-        compile_mode = cfg.train.compile_mode
-        self.step_module = torch.compile(step_module, mode=compile_mode) if cfg.train.compile else step_module
-        self._cuda_graphs = cfg.train.compile and compile_mode in ("reduce-overhead", "max-autotune")
+        self.step_module = torch.compile(step_module, mode=cfg.train.compile_mode) if cfg.train.compile else step_module
 
         self.iteration = 0
         self.best_map: float | None = None
@@ -249,7 +247,7 @@ class Trainer:
         for images, boxes, labels in prefetch_to_device(loader, self.device):
             if cfg.compile:
                 any_gt_count(boxes, labels)
-            if self._cuda_graphs:  # this step's graph replays may overwrite the previous step's outputs
+                # With CUDA graphs (compile_mode reduce-overhead) a new step may reuse the last one's outputs.
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 losses = self.step_module(images, boxes, labels)
