@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["draw_detections", "image_grid", "plot_pr_curves"]
+__all__ = ["draw_detections", "image_grid", "plot_pr_curves", "training_examples", "write_image"]
 
 
 def _colour(label: int) -> tuple[int, int, int]:
@@ -24,28 +24,53 @@ def draw_detections(
     image: np.ndarray,
     boxes: np.ndarray,
     labels: Sequence[int],
-    scores: Sequence[float],
+    scores: Sequence[float] | None,
     class_names: Sequence[str],
     min_score: float = 0.3,
 ) -> np.ndarray:
     """A copy of ``image`` (H, W, 3 uint8 RGB) with the detections above ``min_score`` drawn.
 
-    ``boxes``: (K, 4) x1,y1,x2,y2 in pixels of ``image``; ``labels`` 1..C (class_names[label - 1]).
+    ``boxes``: (K, 4) x1,y1,x2,y2 in pixels of ``image``; ``labels`` 1..C (class_names[label - 1]);
+    ``scores`` None for ground truth (every box drawn, names only).
     """
     out = np.ascontiguousarray(image).copy()
     thickness = max(1, round(min(out.shape[:2]) / 250))
-    for box, label, score in zip(np.asarray(boxes), labels, scores, strict=True):
-        if score < min_score:
+    for box, label, score in zip(np.asarray(boxes), labels, scores or [None] * len(labels), strict=True):
+        if score is not None and score < min_score:
             continue
         colour = _colour(int(label))
         x1, y1, x2, y2 = (round(float(v)) for v in box)
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
-        text = f"{class_names[int(label) - 1]} {score:.2f}"
+        text = class_names[int(label) - 1] + ("" if score is None else f" {score:.2f}")
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
         top = max(y1 - th - base, 0)
         cv2.rectangle(out, (x1, top), (x1 + tw, top + th + base), colour, -1)
         cv2.putText(out, text, (x1, top + th), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def training_examples(dataset, keys: Iterable[tuple[int, int]], class_names: Sequence[str]) -> np.ndarray:
+    """A grid of training items exactly as the model gets them: ``dataset[(index, seed)]`` for each of
+    ``keys`` (augmented uint8 images at the model's input size), with their boxes and class names drawn."""
+    pictures = []
+    for key in keys:
+        item = dataset[key]
+        image = item["image"].permute(1, 2, 0).numpy()  # (3, S, S) uint8 -> (S, S, 3)
+        scale = np.array([image.shape[1], image.shape[0]] * 2, dtype=np.float32)
+        boxes = item["boxes"].numpy() * scale  # relative -> pixels
+        pictures.append(draw_detections(image, boxes, item["labels"].tolist(), None, class_names))
+    return image_grid(pictures)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Save an (H, W, 3) uint8 RGB image (format from the suffix: .png, .jpg), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    except cv2.error as err:  # e.g. an unknown suffix
+        raise OSError(f"could not write {path}: {getattr(err, 'err', err)}") from None
+    if not written:
+        raise OSError(f"could not write {path}")
 
 
 def image_grid(images: Sequence[np.ndarray], columns: int = 4, cell: int = 320) -> np.ndarray:

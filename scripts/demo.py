@@ -25,7 +25,7 @@ from odkd.checkpoint import load_model
 from odkd.data import VOC_CLASSES, DatasetError
 from odkd.data.voc import read_image
 from odkd.inference import Predictor
-from odkd.visualize import draw_detections
+from odkd.visualize import draw_detections, write_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -123,7 +123,7 @@ def main() -> None:
             continue
         drawn, shown, ms = annotate(predictor, image, names, args.min_score)
         latencies.append(ms)
-        cv2.imwrite(str(args.output / f"{path.stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        write_image(args.output / f"{path.stem}.jpg", drawn)
         found = ", ".join(f"{name} {score:.2f}" for name, score in shown)
         print(f"{path.name} {image.shape[1]}x{image.shape[0]}: {ms:.1f} ms, {len(shown)} detections [{found}]")
     if not latencies:

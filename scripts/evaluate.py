@@ -77,10 +77,9 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
 
 def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Namespace) -> None:
     """The first ``--draw`` images of the set with their detections above ``--draw-threshold``."""
-    import cv2
     import numpy as np
 
-    from odkd.visualize import draw_detections, image_grid
+    from odkd.visualize import draw_detections, image_grid, write_image
 
     pictures = []
     for index in range(min(args.draw, len(dataset))):
@@ -102,8 +101,7 @@ def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Na
             )
         )
     out = args.draw_output or Path(args.detections).with_suffix("") / "detections.jpg"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), cv2.cvtColor(image_grid(pictures), cv2.COLOR_RGB2BGR))
+    write_image(out, image_grid(pictures))
     print(f"wrote {out}")
 
 

@@ -11,7 +11,7 @@ import torch
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
 from odkd.data.dataset import read_image
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import SYNTHETIC_CLASSES, _draw, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
@@ -143,6 +143,20 @@ def test_synthetic_dataset_is_voc_and_deterministic(tmp_path):
     assert len(sizes) > 1
     c = make_synthetic_voc(tmp_path / "c", {"trainval": 12}, seed=6)
     assert (a / "Annotations/000003.xml").read_bytes() != (c / "Annotations/000003.xml").read_bytes()
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_CLASSES)
+def test_synthetic_objects_fill_their_boxes(name):
+    """The annotation is the drawn object's extent (a ring's stroke once stuck out of its box by up to 17 px)."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        w, h = int(rng.integers(6, 200)), int(rng.integers(6, 200))
+        box = (5, 9, 5 + w, 9 + h)  # x1, y1, x2, y2 exclusive
+        mask = np.zeros((240, 240), dtype=np.uint8)
+        _draw(np.zeros((240, 240, 3), dtype=np.uint8), mask, name, box, (255, 0, 0))
+        ys, xs = np.nonzero(mask)
+        extent = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert max(abs(a - b) for a, b in zip(extent, box, strict=True)) <= 2, (name, box, extent)
 
 
 def test_collate_pads_targets():

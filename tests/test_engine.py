@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import pytest
 import torch
 
@@ -127,6 +128,9 @@ def test_short_run_writes_everything(tmp_path):
     for name in ("best.pt", "model_final.pt", "checkpoint_0000004.pt"):
         model = load_model(run / name)
         assert model.spec == {"name": "mobilenetv2_ssdlite300", "width_mult": 0.5, "num_classes": 6}
+    # The run's 8 training items (4 iterations x 2) as augmented, 4 tiles per row of 320 px.
+    examples = cv2.imread(str(run / "train_examples.jpg"))
+    assert examples.shape == (2 * 320, 4 * 320, 3) and examples.std() > 10
 
 
 def test_resume_continues_exactly(tmp_path):

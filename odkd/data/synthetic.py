@@ -60,8 +60,9 @@ def _draw(image: np.ndarray, mask: np.ndarray, name: str, box: tuple[int, int, i
         elif name == "triangle":
             points = np.array([[x1 + w // 2, y1], [x1, y2 - 1], [x2 - 1, y2 - 1]], dtype=np.int32)
             cv2.fillPoly(target, [points], value)
-        elif name == "ring":
-            cv2.ellipse(target, centre, axes, 0, 0, 360, value, max(2, min(w, h) // 6))
+        elif name == "ring":  # the stroke is centred on the ellipse: half a stroke inside, so it fills the box
+            t = max(2, min(w, h) // 6)
+            cv2.ellipse(target, centre, (max(axes[0] - t // 2, 1), max(axes[1] - t // 2, 1)), 0, 0, 360, value, t)
         else:  # cross
             t = max(2, min(w, h) // 4)
             cv2.rectangle(target, (x1, centre[1] - t // 2), (x2 - 1, centre[1] + t // 2), value, -1)

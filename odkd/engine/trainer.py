@@ -11,6 +11,7 @@ a JSONL metrics log and TensorBoard when installed. Runs on CPU, one GPU, or man
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_dis
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
+from odkd.visualize import training_examples, write_image
 
 __all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "any_gt_count", "latest_checkpoint"]
 
@@ -213,6 +215,10 @@ class Trainer:
             rank=self.info.rank,
             world_size=self.info.world_size,
         )
+        if self.info.is_main and self.iteration == 0:  # a fresh run: show what the first batch looks like
+            keys = itertools.islice(loader.sampler, 16)  # the sampler is a pure function of (seed, iteration)
+            examples = training_examples(self.train_set, keys, self.model.label_names)
+            write_image(self.out / "train_examples.jpg", examples)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
         try:
