@@ -6,9 +6,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from odkd.data import DetectionDataset
 
 __all__ = ["draw_detections", "image_grid", "plot_pr_curves", "training_examples", "write_image"]
 
@@ -49,7 +53,9 @@ def draw_detections(
     return out
 
 
-def training_examples(dataset, keys: Iterable[tuple[int, int]], class_names: Sequence[str]) -> np.ndarray:
+def training_examples(
+    dataset: DetectionDataset, keys: Iterable[tuple[int, int]], class_names: Sequence[str]
+) -> np.ndarray:
     """A grid of training items exactly as the model gets them: ``dataset[(index, seed)]`` for each of
     ``keys`` (augmented uint8 images at the model's input size), with their boxes and class names drawn."""
     pictures = []

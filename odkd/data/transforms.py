@@ -157,8 +157,9 @@ class ExpandCropFlipResize(DualTransform):
         centres = (pixels[:, :2] + pixels[:, 2:]) / 2
         inside = ((centres > crop[:2]) & (centres < crop[2:])).all(axis=1)
         out = bboxes[inside].copy()
+        low, high = crop[:2] * 2, crop[2:] * 2  # (x1, y1, x1, y1) and (x2, y2, x2, y2)
         size = [crop[2] - crop[0], crop[3] - crop[1]] * 2
-        out[:, :4] = (np.clip(pixels[inside], crop[:2] * 2, crop[2:] * 2) - crop[:2] * 2) / size
+        out[:, :4] = (np.clip(pixels[inside], low, high) - low) / size
         if flip:
             out[:, [0, 2]] = 1.0 - out[:, [2, 0]]
         return out
