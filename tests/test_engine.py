@@ -131,6 +131,10 @@ def test_short_run_writes_everything(tmp_path):
     # The run's 8 training items (4 iterations x 2) as augmented, 4 tiles per row of 320 px.
     examples = cv2.imread(str(run / "train_examples.jpg"))
     assert examples.shape == (2 * 320, 4 * 320, 3) and examples.std() > 10
+    # A fresh run in the same folder starts the log anew.
+    make_trainer(tiny_config(tmp_path, "optim.max_iters=2", "train.eval_every=100")).fit()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "mAP" in r) for r in records] == [(1, False), (2, False), (2, True)]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -140,6 +144,9 @@ def test_resume_continues_exactly(tmp_path):
     resumed = make_trainer(cfg)
     resumed.fit(resume=tmp_path / "run" / "checkpoint_0000002.pt")
     assert resumed.iteration == 4
+    # The log is the run's: iterations 3 and 4 were written again, not twice.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "mAP" in r) for r in records] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     a, b = straight.task.state_dict(), resumed.task.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()

@@ -203,6 +203,7 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            self._trim_metrics()
             self._writer = _tensorboard(self.out)
         loader = build_loader(
             self.train_set,
@@ -338,6 +339,17 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
         log.warning("signal %d: saving a checkpoint after this iteration (again to stop at once)", signum)
+
+    def _trim_metrics(self) -> None:
+        """``metrics.jsonl`` holds this run's records only: a fresh run in a used folder starts it anew, a
+        resumed run keeps the records up to its checkpoint's iteration (it writes the later ones again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= self.iteration]
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(path)
 
     def _log(self, record: dict) -> None:
         if not self.info.is_main:
