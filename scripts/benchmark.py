@@ -376,7 +376,7 @@ def _make_task(cfg, args: argparse.Namespace):
 def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
     """Median seconds per phase of one training step, synchronising the device after each phase."""
     from odkd.data import build_loader, prefetch_to_device
-    from odkd.engine.trainer import any_gt_count
+    from odkd.engine.trainer import begin_compiled_step
 
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     cfg = trainer.cfg
@@ -398,8 +398,7 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
         marks = [time.perf_counter()]
         images, boxes, labels = next(batches)
         if cfg.train.compile:
-            any_gt_count(boxes, labels)
-            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: last step's outputs are dead
+            begin_compiled_step(boxes, labels)
         sync()
         marks.append(time.perf_counter())
         with trainer.autocast():

@@ -11,7 +11,7 @@ from odkd.engine import DetectionTask
 from odkd.engine.distill_task import build_distillation_task
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import any_gt_count
+from odkd.engine.trainer import begin_compiled_step
 from odkd.matching import map_priors
 from odkd.models import build_model
 from odkd.priors import build_priors
@@ -241,7 +241,7 @@ def test_training_step_is_one_graph_for_torch_compile(methods, dfl_bins):
     images, boxes, labels = tiny_batch()
     for extra in range(3):  # padded to 2, 3 and 4 GT per image, as the largest GT count changes in training
         padded = (torch.cat((boxes, torch.zeros(2, extra, 4)), 1), torch.cat((labels, torch.full((2, extra), -1)), 1))
-        any_gt_count(*padded)
+        begin_compiled_step(*padded)
         sum(compiled(images, *padded).values()).backward()
     assert dict(counters["frames"]) == {"total": 1, "ok": 1} and not counters["graph_break"]
     assert methods is None or task.iteration == 3

@@ -36,7 +36,7 @@ from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
 from odkd.visualize import training_examples, write_image
 
-__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "any_gt_count", "latest_checkpoint"]
+__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "begin_compiled_step", "latest_checkpoint"]
 
 log = logging.getLogger("odkd")
 TRAIN_FORMAT = "odkd-train"
@@ -253,9 +253,7 @@ class Trainer:
         checkpoint = None
         for images, boxes, labels in prefetch_to_device(loader, self.device):
             if cfg.compile:
-                any_gt_count(boxes, labels)
-                # With CUDA graphs (compile_mode reduce-overhead) a new step may reuse the last one's outputs.
-                torch.compiler.cudagraph_mark_step_begin()
+                begin_compiled_step(boxes, labels)
             with self.autocast():
                 losses = self.step_module(images, boxes, labels)
             loss = sum(losses.values())
@@ -362,11 +360,14 @@ class Trainer:
                     self._writer.add_scalar(key, value, record["iter"])
 
 
-def any_gt_count(*targets: torch.Tensor) -> None:
-    """Tell torch.compile that the padded GT count (dim 1 of boxes and labels) changes from batch to
-    batch, so the step is compiled once for any count rather than again when the count first changes."""
+def begin_compiled_step(*targets: torch.Tensor) -> None:
+    """Before a torch.compile'd step: tell it that the padded GT count (dim 1 of boxes and labels) changes
+    from batch to batch, so the step is compiled once for any count rather than again when the count
+    first changes; and mark a new step, so that with CUDA graphs (compile_mode reduce-overhead) its
+    replay may reuse the previous step's output memory."""
     for tensor in targets:
         torch._dynamo.maybe_mark_dynamic(tensor, 1)
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def _start_copy_to_host(values: torch.Tensor) -> Callable[[], torch.Tensor]:
