@@ -74,6 +74,10 @@ class DataConfig:
     batch_size: int = 32  # per process
     num_workers: int = 4
     cache_dir: str | None = None  # decode the train images once into a file here (VOC07+12: ~9 GB) and read that
+    # GT slots per image of a training batch: "batch" = its most crowded image's objects; "dataset" = the train
+    # set's most crowded image, one shape for every batch (what CUDA graphs replay; more matching work);
+    # "auto" = "dataset" exactly when train.compile_mode records CUDA graphs
+    gt_padding: Literal["auto", "batch", "dataset"] = "auto"
 
 
 @dataclass
@@ -105,7 +109,7 @@ class TrainConfig:
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler (CUDA only)
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the training step
-    # torch.compile's mode; "reduce-overhead" replays the step as CUDA graphs (one per padded GT count)
+    # torch.compile's mode; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     ema_decay: float | None = None  # keep an EMA of the weights (e.g. 0.9998) and evaluate it
     log_every: int = 20

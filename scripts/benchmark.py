@@ -349,6 +349,7 @@ def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log
         "optim.warmup_iters=0",
         f"train.output_dir={output_dir}", f"train.amp={args.amp}", f"train.channels_last={args.channels_last}",
         f"train.compile={args.compile}", f"train.compile_mode={args.compile_mode}",
+        f"data.gt_padding={args.gt_padding}",
         f"train.log_every={log_every}", f"train.eval_every={10 * max_iters}",
         f"train.checkpoint_every={max_iters}", "train.keep_last=1",
     ]  # fmt: skip
@@ -382,7 +383,7 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
     cfg = trainer.cfg
     loader = build_loader(
         trainer.train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
-        max_iters=warmup + iters, seed=1,
+        max_iters=warmup + iters, seed=1, gt_slots=trainer.gt_slots,
     )  # fmt: skip
     times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     task = trainer.task.train()
@@ -398,7 +399,7 @@ def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
         marks = [time.perf_counter()]
         images, boxes, labels = next(batches)
         if cfg.train.compile:
-            begin_compiled_step(boxes, labels)
+            begin_compiled_step(boxes, labels, fixed_gt_slots=trainer.gt_slots > 0)
         sync()
         marks.append(time.perf_counter())
         with trainer.autocast():
@@ -454,7 +455,8 @@ def bench_train(args: argparse.Namespace) -> None:
     print(
         f"{args.benchmark}: {what}, batch {args.batch} per process x {trainer.info.world_size}, "
         f"{trainer.model.image_size} px, {precision}, channels_last {channels_last}, "
-        f"compile {args.compile} ({args.compile_mode}), {args.workers} loader workers; "
+        f"compile {args.compile} ({args.compile_mode}), GT slots {trainer.gt_slots or 'per batch'}, "
+        f"{args.workers} loader workers; "
         f"{_device_name(trainer.device)}, torch {torch.__version__}"
     )
     print(
@@ -661,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(
             "--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)"
         )
+        train.add_argument("--gt-padding", choices=["auto", "batch", "dataset"], default="auto", help="data.gt_padding")
         train.add_argument("--cache", action="store_true", help="read decoded images from data.cache_dir")
         if name == "distill":
             train.add_argument("--teacher-model", choices=sorted(MODELS), default="vgg16_lite300")

@@ -17,6 +17,7 @@ $bench train $train
 $bench train $train --cache
 $bench train $train --cache --compile
 $bench train $train --cache --compile --compile-mode reduce-overhead
+$bench train $train --cache --compile --compile-mode reduce-overhead --gt-padding batch
 $bench train $train --cache --model vgg16_ssd300
 $bench distill $train --cache --teacher-model vgg16_lite300
 $bench distill $train --cache --teacher-model vgg16_lite300 --methods fgd crosskd

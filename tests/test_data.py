@@ -56,6 +56,13 @@ def test_boxes_labels_and_difficult(tmp_path):
     assert ann.difficult.tolist() == [False, True]  # evaluation still sees difficult objects
 
 
+def test_max_objects_counts_what_items_hold(tmp_path):
+    cat, hard_dog = ("cat", (1, 1, 5, 5), 0), ("dog", (2, 2, 9, 9), 1)
+    write_voc(tmp_path, {"a": (10, 10, [cat, cat]), "b": (10, 10, [cat, hard_dog, hard_dog]), "c": (10, 10, [])})
+    assert VOCDataset(tmp_path, "2007_trainval", CLASSES).max_objects == 2  # b's two difficult dogs are dropped
+    assert VOCDataset(tmp_path, "2007_trainval", CLASSES, keep_difficult=True).max_objects == 3
+
+
 def test_image_set_unions(tmp_path):
     write_voc(tmp_path, {"a": (10, 10, [("cat", (1, 1, 5, 5), 0)])}, year="2007")
     write_voc(tmp_path, {"b": (10, 10, []), "c": (10, 10, [])}, year="2012", split="trainval")
@@ -178,6 +185,11 @@ def test_collate_pads_targets():
     assert out["images"].shape == (2, 3, 4, 4)
     assert out["boxes"].shape == (2, 1, 4) and out["labels"].tolist() == [[3], [-1]]
     assert out["indices"].tolist() == [7, 2]
+    # Fixed slots: at least gt_slots per image, padding as before; never fewer than an item holds.
+    out = collate(batch, gt_slots=3)
+    assert out["labels"].tolist() == [[3, -1, -1], [-1, -1, -1]]
+    torch.testing.assert_close(out["boxes"][0], torch.tensor([[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert collate(batch[:1], gt_slots=0)["labels"].shape == (1, 1)
 
 
 def test_loader_batches_feed_a_finite_loss(tmp_path):

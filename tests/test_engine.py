@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import cv2
 import pytest
@@ -19,7 +20,7 @@ from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_
 from odkd.engine.build import build_datasets, build_detector
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import latest_checkpoint
+from odkd.engine.trainer import latest_checkpoint, train_gt_slots
 
 
 def test_lr_factor_by_hand():
@@ -135,6 +136,33 @@ def test_short_run_writes_everything(tmp_path):
     make_trainer(tiny_config(tmp_path, "optim.max_iters=2", "train.eval_every=100")).fit()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iter"], "mAP" in r) for r in records] == [(1, False), (2, False), (2, True)]
+
+
+def test_gt_padding_modes_and_fixed_slots_train_the_same(tmp_path):
+    records = {}
+    for padding in ("batch", "dataset"):
+        cfg = tiny_config(tmp_path / padding, f"data.gt_padding={padding}", "optim.max_iters=2")
+        trainer = make_trainer(cfg)
+        trainer.fit()
+        lines = (tmp_path / padding / "run" / "metrics.jsonl").read_text().splitlines()
+        train = [json.loads(line) for line in lines if '"loss"' in line]
+        records[padding] = [{k: v for k, v in r.items() if k != "images_per_s"} for r in train]
+    counts = sorted(int((~a.difficult).sum()) for a in trainer.train_set.annotations)  # difficult ones dropped
+    assert trainer.gt_slots == counts[-1] > counts[0]  # some batches get padded slots
+    # Padded GT slots match nothing: the same losses and updates, to float rounding.
+    assert len(records["batch"]) == 2
+    for plain, padded in zip(records["batch"], records["dataset"], strict=True):
+        assert plain == pytest.approx(padded, rel=1e-5)
+    # "auto" pads only where CUDA graphs replay the step, which needs one shape.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graphs = tiny_config(tmp_path / "auto", "train.compile=true", "train.compile_mode=reduce-overhead")
+    assert train_gt_slots(graphs, trainer.train_set, cuda) == trainer.train_set.max_objects
+    assert train_gt_slots(graphs, trainer.train_set, cpu) == 0
+    assert (
+        train_gt_slots(replace(graphs, train=replace(graphs.train, compile_mode="default")), trainer.train_set, cuda)
+        == 0
+    )
+    assert train_gt_slots(replace(graphs, data=replace(graphs.data, gt_padding="batch")), trainer.train_set, cuda) == 0
 
 
 def test_resume_continues_exactly(tmp_path):

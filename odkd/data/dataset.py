@@ -135,6 +135,12 @@ class DetectionDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self.image_paths[index]
 
+    @property
+    def max_objects(self) -> int:
+        """The most objects an item can hold (its annotation's, less the difficult ones unless kept); the
+        augmentation only ever drops boxes."""
+        return max(len(a.labels) if self.keep_difficult else int((~a.difficult).sum()) for a in self.annotations)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key``: an index, or ``(index, seed)`` to seed the augmentation of this item (what
         :class:`odkd.data.IterationSampler` yields, so training is reproducible and resumable)."""

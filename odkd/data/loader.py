@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -12,14 +13,15 @@ __all__ = ["IterationSampler", "build_loader", "collate", "prefetch_to_device"]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+def collate(batch: list[dict], gt_slots: int = 0) -> dict[str, torch.Tensor]:
     """Stack a list of dataset items.
 
     Returns ``images`` ``(B, 3, S, S)``, ``boxes`` ``(B, max_n, 4)`` relative x1,y1,x2,y2 padded with 0,
     ``labels`` ``(B, max_n)`` int64 padded with -1 (what :func:`odkd.matching.match` takes), and
-    ``indices`` ``(B,)`` (dataset positions, to look up annotations).
+    ``indices`` ``(B,)`` (dataset positions, to look up annotations). ``max_n`` is the most objects of an
+    item, or ``gt_slots`` if that is more (a fixed shape for every batch: what CUDA graphs replay).
     """
-    max_n = max(len(item["labels"]) for item in batch)
+    max_n = max(gt_slots, *(len(item["labels"]) for item in batch))
     boxes = torch.zeros(len(batch), max_n, 4)
     labels = torch.full((len(batch), max_n), -1, dtype=torch.int64)
     for i, item in enumerate(batch):  # host-side copy of a few boxes per image
@@ -91,9 +93,11 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    gt_slots: int = 0,
 ) -> DataLoader:
     """A DataLoader for training (:class:`IterationSampler`: ``max_iters`` batches from ``start_iter``)
     or evaluation (in order; a DistributedSampler shares the set between processes under DDP).
+    ``gt_slots``: pad the targets to at least this many objects per image (:func:`collate`).
 
     Workers are persistent and memory is pinned when CUDA is present.
     """
@@ -108,7 +112,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=partial(collate, gt_slots=gt_slots) if gt_slots else collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=train,
         persistent_workers=num_workers > 0,

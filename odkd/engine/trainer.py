@@ -36,7 +36,17 @@ from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.inference import autocast_dtype, detect_dataset
 from odkd.visualize import training_examples, write_image
 
-__all__ = ["TRAIN_FORMAT", "TrainResult", "Trainer", "TrainingError", "begin_compiled_step", "latest_checkpoint"]
+__all__ = [
+    "TRAIN_FORMAT",
+    "TrainResult",
+    "Trainer",
+    "TrainingError",
+    "begin_compiled_step",
+    "latest_checkpoint",
+    "train_gt_slots",
+]
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 log = logging.getLogger("odkd")
 TRAIN_FORMAT = "odkd-train"
@@ -63,6 +73,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def train_gt_slots(cfg: Config, train_set: DetectionDataset, device: torch.device) -> int:
+    """GT slots per image of the training batches (``data.gt_padding``): 0 = each batch's most crowded
+    image (the least matching work), else the train set's most crowded image (one shape for every batch)."""
+    padding = cfg.data.gt_padding
+    if padding == "auto":
+        graphs = device.type == "cuda" and cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
+        padding = "dataset" if graphs else "batch"
+    return train_set.max_objects if padding == "dataset" else 0
+
+
 class Trainer:
     """Train ``task`` (a module mapping (images, boxes, labels) to named losses; ``task.model`` is the SSD)."""
 
@@ -81,6 +101,7 @@ class Trainer:
         self.task = task.to(self.device)
         self.model = task.model
         self.train_set, self.test_set = train_set, test_set
+        self.gt_slots = train_gt_slots(cfg, train_set, self.device)
         self.progress = progress and self.info.is_main
         self.out = Path(cfg.train.output_dir)
         self.amp_dtype = autocast_dtype(self.device) if cfg.train.amp else None
@@ -215,6 +236,7 @@ class Trainer:
             seed=cfg.train.seed,
             rank=self.info.rank,
             world_size=self.info.world_size,
+            gt_slots=self.gt_slots,
         )
         if self.info.is_main and self.iteration == 0:  # a fresh run: show what the first batch looks like
             keys = itertools.islice(loader.sampler, 16)  # the sampler is a pure function of (seed, iteration)
@@ -253,7 +275,7 @@ class Trainer:
         checkpoint = None
         for images, boxes, labels in prefetch_to_device(loader, self.device):
             if cfg.compile:
-                begin_compiled_step(boxes, labels)
+                begin_compiled_step(boxes, labels, fixed_gt_slots=self.gt_slots > 0)
             with self.autocast():
                 losses = self.step_module(images, boxes, labels)
             loss = sum(losses.values())
@@ -360,13 +382,14 @@ class Trainer:
                     self._writer.add_scalar(key, value, record["iter"])
 
 
-def begin_compiled_step(*targets: torch.Tensor) -> None:
-    """Before a torch.compile'd step: tell it that the padded GT count (dim 1 of boxes and labels) changes
-    from batch to batch, so the step is compiled once for any count rather than again when the count
-    first changes; and mark a new step, so that with CUDA graphs (compile_mode reduce-overhead) its
-    replay may reuse the previous step's output memory."""
-    for tensor in targets:
-        torch._dynamo.maybe_mark_dynamic(tensor, 1)
+def begin_compiled_step(*targets: torch.Tensor, fixed_gt_slots: bool = False) -> None:
+    """Before a torch.compile'd step: unless the targets are padded to fixed GT slots, tell it that the
+    padded GT count (dim 1 of boxes and labels) changes from batch to batch, so the step is compiled once
+    for any count rather than again when the count first changes; and mark a new step, so that with CUDA
+    graphs (compile_mode reduce-overhead) its replay may reuse the previous step's output memory."""
+    if not fixed_gt_slots:
+        for tensor in targets:
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
     torch.compiler.cudagraph_mark_step_begin()
 
 
