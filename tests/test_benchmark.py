@@ -60,10 +60,17 @@ def test_cuda_benchmark_script_runs_valid_commands():
     script = (ROOT / "scripts" / "benchmark_cuda.sh").read_text()
     assert subprocess.run(["bash", "-n", ROOT / "scripts" / "benchmark_cuda.sh"]).returncode == 0
     train = re.search(r'^train="(.*)"$', script, re.M).group(1)
-    lines = [line for line in script.splitlines() if line.startswith("$bench ")]
+    lines = [line.strip() for line in script.splitlines() if line.strip().startswith("$bench ")]
     assert len(lines) >= 8
     parser = load_benchmark_script().build_parser()
     for line in lines:
         words = line.replace("$train", train).replace('"$workers"', "$workers").replace("$workers", "7")
         args = parser.parse_args(shlex.split(words)[1:])
         assert args.benchmark in {"loss", "models", "train", "distill", "eval"}, line
+    # Stages, so that each fits one 10-minute command on the GPU machine; a wrong name stops at once.
+    for stage in ("tests", "throughput", "compile", "eval"):
+        assert f"if run {stage}; then" in script
+    wrong = subprocess.run(
+        ["bash", ROOT / "scripts" / "benchmark_cuda.sh", "everything"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "unknown stage everything" in wrong.stderr
