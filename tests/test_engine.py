@@ -77,15 +77,19 @@ def test_model_ema_by_hand():
         3,
         5,
     )
+    # A buffer replaced after the first update (what .to() does) is the one averaged next.
+    model.running_mean = torch.tensor([7.0])
+    ema.update(model)  # 0.75 * 3 + 0.25 * 7 = 4; weight 0.75 * 3 + 0.25 * 6 = 3.75
+    assert ema.module.running_mean.item() == 4.0 and ema.module.weight.item() == 3.75
     restored = ModelEMA(torch.nn.BatchNorm1d(1), decay=0.75)
     restored.load_state_dict(ema.state_dict())
-    assert restored.updates == 2 and restored.module.weight.item() == 3.0
+    assert restored.updates == 3 and restored.module.weight.item() == 3.75
     # Training checkpoints from before ModelEMA hold torch's AveragedModel state: they resume the same.
     averaged = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
     averaged.update_parameters(model)
     old = ModelEMA(torch.nn.BatchNorm1d(1), decay=0.75)
     old.load_state_dict(averaged.state_dict())
-    assert old.updates == 1 and state(old.module) == (6, 0, 5)
+    assert old.updates == 1 and state(old.module) == (6, 7, 5)
     with pytest.raises(ValueError, match="ema_decay"):
         ModelEMA(model, decay=1.5)
 
