@@ -4,7 +4,7 @@
 #   tests       the CUDA tests, matching + loss, models (about 3 minutes)
 #   throughput  training and distillation images/s and phase split, JPEG files and the decoded cache (~6 min)
 #   compile     torch.compile, CUDA graphs with and without fixed GT slots (compilation dominates, ~8 min)
-#   eval        end-to-end evaluation at VOC07-test size (~2 min)
+#   eval        end-to-end evaluation at VOC07-test size, and DDP: two processes sharing the GPU (~3 min)
 #   all         all four in a row (the default)
 #   bash scripts/benchmark_cuda.sh [stage] [loader workers, default: CPU cores - 1] 2>&1 | tee benchmark_cuda.log
 set -u
@@ -41,4 +41,5 @@ if run compile; then
 fi
 if run eval; then
     $bench eval --model mobilenetv2_ssdlite300 --images 4952 --batch 64 --workers "$workers"
+    torchrun --nproc_per_node=2 scripts/benchmark.py train --batch 32 --workers 4 --iters 20 --warmup 5
 fi

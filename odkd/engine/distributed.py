@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "setup_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "backend_for", "barrier", "setup_distributed"]
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+def backend_for(use_cuda: bool, local_processes: int, gpus: int) -> str:
+    """The process group's backend: NCCL when each of a node's processes has a GPU of its own; gloo on
+    CPU, and when processes share a GPU (NCCL refuses two ranks on one device; gloo all-reduces CUDA
+    tensors too, so DDP's correctness can still be checked on a one-GPU machine)."""
+    return "nccl" if use_cuda and local_processes <= gpus else "gloo"
+
+
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single process.
 
-    Device: ``cuda:<LOCAL_RANK>`` when CUDA is available (NCCL), else CPU (gloo); ``device`` forces one.
+    Device: ``cuda:<LOCAL_RANK mod GPUs>`` when CUDA is available, else CPU; ``device`` forces one.
+    Backend: :func:`backend_for`.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,7 +49,8 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     else:
         target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        dist.init_process_group(backend_for(use_cuda, local_processes, torch.cuda.device_count() if use_cuda else 0))
     return DistInfo(rank, world_size, local_rank, target)
 
 
