@@ -49,7 +49,9 @@ def expected_edges(logits: torch.Tensor, max_edge: float = DEFAULT_MAX_EDGE) -> 
     """``(..., 4, n + 1)`` bin logits -> ``(..., 4)`` expected edges ``sum_i softmax_i * i * max_edge / n``."""
     bins = logits.shape[-1] - 1
     values = torch.linspace(0.0, max_edge, bins + 1, device=logits.device, dtype=torch.float32)
-    return logits.float().softmax(dim=-1) @ values
+    # Multiply-and-sum, not a matmul: autocast would run a matmul in bf16, and the edges' differences
+    # (the box centre) lose most of their precision to that rounding.
+    return (logits.float().softmax(dim=-1) * values).sum(dim=-1)
 
 
 def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

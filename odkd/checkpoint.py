@@ -69,9 +69,12 @@ def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: model file version {data.get('version')} is not supported")
         return data["state_dict"]
     if data.get("format") == "odkd-train":
-        if data.get("ema"):
-            # AveragedModel's state: "module.<key>" entries plus its n_averaged counter.
-            return {k[len("module.") :]: v for k, v in data["ema"].items() if k.startswith("module.")}
+        ema = data.get("ema")
+        if ema:
+            if isinstance(ema.get("module"), dict):  # odkd.engine.ema.ModelEMA: {"module": weights, "updates": n}
+                return ema["module"]
+            # Before ModelEMA, torch's AveragedModel: "module.<key>" entries plus its n_averaged counter.
+            return {k[len("module.") :]: v for k, v in ema.items() if k.startswith("module.")}
         return {k[len("model.") :]: v for k, v in data["task"].items() if k.startswith("model.")}
     raise ValueError(
         f"{path}: not an odkd model file. Published ssd.pytorch / qfgaohao checkpoints must be converted "

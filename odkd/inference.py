@@ -22,7 +22,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the GPU supports it, else fp16; None (no autocast) on CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def detect(
@@ -81,15 +81,16 @@ class Predictor:
     def __init__(self, model: SSD, device: torch.device, **postprocess_kwargs) -> None:
         self.model = model.eval().to(device)
         self.device, self.dtype = device, autocast_dtype(device)
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        # channels_last on CUDA through the input alone (cuDNN then runs NHWC kernels): converting the
+        # weights would change the layout of a model being trained (the trainer evaluates its own).
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         self.transform = build_transform(False, model.image_size)
         self.postprocess_kwargs = postprocess_kwargs
 
     def detect_batch(self, images: torch.Tensor, on_cpu: bool = False) -> list[Detections]:
         """``images`` (B, 3, S, S) uint8 RGB at the model's input size -> one Detections per image, boxes
         x1,y1,x2,y2 relative to the image, on the device (or all copied to the CPU at once)."""
-        images = self.model.normalize(images.to(self.device, non_blocking=True))
+        images = self.model.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.model(images)
             return postprocess(out.loc, out.conf, self.model.priors, on_cpu=on_cpu, **self.postprocess_kwargs)

@@ -43,6 +43,14 @@ def test_expected_edges_by_hand():
     # Bins 0, 1, 2 (max 2 over 2 intervals): (1/5, 3/5, 1/5) -> 1; uniform -> 1; all on the last bin -> 2.
     torch.testing.assert_close(expected_edges(logits, max_edge=2.0), torch.tensor([1.0, 1.0, 2.0, 1.0]))
     torch.testing.assert_close(expected_edges(logits[:1], max_edge=4.0), torch.tensor([2.0]))
+    # Under bf16 autocast (training, evaluation on CUDA) the expectation still comes out in float32:
+    # a matmul would be autocast to bf16 (relative error ~4e-3, ~0.07 on the encoded box centre).
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 4, 17, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = expected_edges(logits, max_edge=16.0)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, expected_edges(logits, max_edge=16.0), rtol=1e-6, atol=1e-6)
 
 
 def test_distribution_focal_loss_by_hand():

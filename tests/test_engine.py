@@ -21,7 +21,7 @@ from odkd.engine.build import build_datasets, build_detector
 from odkd.engine.distributed import backend_for
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import latest_checkpoint, train_gt_slots
+from odkd.engine.trainer import latest_checkpoint, match_state_layout, train_gt_slots
 
 
 def test_lr_factor_by_hand():
@@ -50,6 +50,26 @@ def test_optimizer_update_by_hand_and_fused_on_cuda():
             weight.grad = torch.ones_like(weight)
             optimizer.step()
         assert weight.item() == pytest.approx(1.7012, abs=1e-6)
+
+
+def test_loaded_optimizer_state_takes_the_parameters_layout():
+    """A checkpoint from a CPU run (contiguous momenta) resumed on CUDA, where the weights are
+    channels_last: the fused SGD kernel needs equal strides, so the loaded momenta are re-laid."""
+    cfg = load_config(None, ["optim.momentum=0.9"]).optim
+    saved = torch.nn.Conv2d(4, 8, 3)
+    optimizer = build_optimizer(list(saved.parameters()), cfg, lr=0.1)
+    saved(torch.randn(2, 4, 6, 6)).sum().backward()
+    optimizer.step()
+    resumed = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    resumed.load_state_dict(saved.state_dict())
+    loaded = build_optimizer(list(resumed.parameters()), cfg, lr=0.1)
+    loaded.load_state_dict(optimizer.state_dict())
+    momentum = loaded.state[resumed.weight]["momentum_buffer"]
+    assert momentum.stride() != resumed.weight.stride()  # what torch's load_state_dict leaves
+    match_state_layout(loaded)
+    relaid = loaded.state[resumed.weight]["momentum_buffer"]
+    assert relaid.stride() == resumed.weight.stride() and torch.equal(relaid, momentum)
+    assert torch.equal(loaded.state[resumed.bias]["momentum_buffer"], optimizer.state[saved.bias]["momentum_buffer"])
 
 
 def test_model_ema_by_hand():
@@ -184,6 +204,9 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a) and straight.ema.updates == resumed.ema.updates == 4
+    # A training checkpoint read as a model gives its EMA weights (evaluate.py --checkpoint, a teacher).
+    model = load_model(tmp_path / "run" / "checkpoint_0000004.pt")
+    assert all(torch.equal(v, ema_a[k]) for k, v in model.state_dict().items())
     assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
     # A checkpoint written on a GPU (fused SGD) resumes here with this machine's kernels.
     state = straight.state_dict()

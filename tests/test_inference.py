@@ -1,6 +1,7 @@
 """Running a model over a dataset: devkit coordinates and per-class grouping."""
 
 import numpy as np
+import pytest
 import torch
 
 from odkd.data import VOCDataset
@@ -36,3 +37,18 @@ def test_detect_dataset_groups_detections_by_class(tmp_path):
         total += len(ids)
     assert 0 < total <= 5 * 200  # at most 200 detections per image
     assert dataset.transform is None  # the caller's dataset is left as it was
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_detection_leaves_the_models_layout_alone(tmp_path):
+    """The trainer evaluates the model it trains: with train.channels_last=false its weights must stay
+    contiguous (the fused SGD step refuses gradients and momenta of other strides)."""
+    make_synthetic_voc(tmp_path, {"test": 4}, seed=4)
+    dataset = VOCDataset(tmp_path, "SYN_test", SYNTHETIC_CLASSES)
+    model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5).cuda()
+    on_cpu = detect_dataset(model.cpu(), dataset, torch.device("cpu"), batch_size=2, num_workers=0, progress=False)
+    model.cuda()
+    on_gpu = detect_dataset(model, dataset, torch.device("cuda"), batch_size=2, num_workers=0, progress=False)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert abs(sum(len(d.scores) for d in on_gpu.values()) - sum(len(d.scores) for d in on_cpu.values())) < 50

@@ -91,7 +91,7 @@ class ObjectDistillationLoss(Distiller):
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         weights = batch.student.conf.new_full((batch.student.conf.shape[-1],), self.w_object, dtype=torch.float32)
-        weights[0] = self.w_background
+        weights[:1] = self.w_background  # a slice fill: `weights[0] = x` copies a host scalar and waits for the GPU
         T = self.temperature
         soft = soft_cross_entropy(batch.student.conf, batch.teacher_conf, T, weights)
 

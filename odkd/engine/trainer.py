@@ -130,8 +130,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this device's alone: the run may resume on a machine with fewer GPUs
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": TRAIN_FORMAT,
             "version": 1,
@@ -156,12 +156,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # this machine's kernels, not those of the one that saved
             group.update(fused=self.optimizer.defaults["fused"], foreach=self.optimizer.defaults["foreach"])
+        match_state_layout(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (bf16, CPU); a fresh scale then
+            self.scaler.load_state_dict(state["scaler"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_rng = state["rng"].get("cuda")
+        if cuda_rng is not None and self.device.type == "cuda":
+            if isinstance(cuda_rng, list):  # checkpoints before 2026-11-24 hold every visible GPU's state
+                cuda_rng = cuda_rng[self.device.index if self.device.index < len(cuda_rng) else 0]
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         self.iteration = state["iteration"]
         self.best_map = state["best_map"]
 
@@ -380,6 +385,16 @@ class Trainer:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(key, value, record["iter"])
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor the memory layout of its parameter. Loaded states keep the layout
+    they were saved with (contiguous from a CPU run, channels_last from a CUDA one), and the fused CUDA
+    SGD kernel refuses parameters, gradients and momenta of different strides."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def begin_compiled_step(*targets: torch.Tensor, fixed_gt_slots: bool = False) -> None:
