@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -479,7 +480,8 @@ def bench_train(args: argparse.Namespace) -> None:
 
 class GpuBusySampler:
     """Samples NVML's GPU utilisation (the share of time a kernel was running, what nvidia-smi shows)
-    every 0.1 s in a thread while the block runs; nothing on CPU or without the nvidia-ml-py package."""
+    every 0.1 s in a thread while the block runs: through torch (needs the nvidia-ml-py package), else
+    from ``nvidia-smi --loop-ms``; nothing on CPU, and the reason when neither works."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.samples, self.error = device, [], None
@@ -487,12 +489,34 @@ class GpuBusySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        try:
+            torch.cuda.utilization(self.device)
+        except Exception as err:  # no NVML bindings: ask nvidia-smi
+            self._run_nvidia_smi(str(err).splitlines()[0])
+            return
         while not self._stop.wait(0.1):
-            try:
-                self.samples.append(torch.cuda.utilization(self.device))
-            except Exception as err:  # no NVML (package or driver): say so instead of a number
-                self.error = str(err).splitlines()[0]
-                return
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def _run_nvidia_smi(self, nvml_error: str) -> None:
+        try:
+            # The GPU as nvidia-smi numbers it: by UUID, since CUDA_VISIBLE_DEVICES may renumber devices.
+            gpu = f"GPU-{torch.cuda.get_device_properties(self.device).uuid}"
+            command = ["nvidia-smi", f"--id={gpu}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            smi = subprocess.Popen(
+                [*command, "--loop-ms=100"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        except Exception as err:
+            self.error = f"no NVML bindings ({nvml_error}); nvidia-smi: {str(err).splitlines()[0]}"
+            return
+        with smi:
+            for line in smi.stdout:
+                if line.strip().isdigit():
+                    self.samples.append(int(line))
+                elif not self.samples:
+                    self.error = f"nvidia-smi: {line.strip()}"
+                if self._stop.is_set():
+                    break
+            smi.terminate()
 
     def __enter__(self) -> GpuBusySampler:
         if self.device.type == "cuda":
