@@ -372,6 +372,9 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append("eval.metric coco scores against a COCO annotation file: set data.format coco")
     if cfg.data.batch_size < 1 or cfg.optim.max_iters < 1 or cfg.optim.lr <= 0:
         problems.append("data.batch_size, optim.max_iters and optim.lr must be positive")
+    counts = ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps")
+    if bad := [f"train.{key}" for key in counts if getattr(cfg.train, key) < 1]:
+        problems.append(f"{', '.join(bad)} must be at least 1")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
     methods = cfg.distill.methods

@@ -115,7 +115,9 @@ LAYOUTS: dict[str, PriorLayout] = {
         aspect_ratios=((2, 3),) * 6,
     ),
 }
-# MobileNetV2-SSDLite 320 (lufficc/SSD): the lite300 boxes on a 320 input with a 20x20 first grid, 3234 priors.
+# MobileNetV2-SSDLite 320: the lite300 boxes on a 320 input with a 20x20 first grid, 3234 priors, centred on
+# each level's grid. Not lufficc/SSD's 320 layout, whose strides (16, 32, 64, 100, 150, 300) put the centres
+# of the three coarse levels off-grid at 320 px (and whose first head reads the 96-channel block output).
 LAYOUTS["lite320"] = dataclasses.replace(
     LAYOUTS["lite300"], image_size=320, feature_sizes=(20, 10, 5, 3, 2, 1), steps=(16, 32, 64, 107, 160, 320)
 )

@@ -41,6 +41,8 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("model.name=resnet", "model.name: unknown model 'resnet'"),
         ("data.classes=cityscapes", "data.classes: .cityscapes. is neither"),
         ("optim.milestones=[20, 10]", "optim.milestones must increase"),
+        ("train.keep_last=0", "train.keep_last must be at least 1"),  # [:-0] would have kept every checkpoint
+        ("train.eval_every=0", "train.eval_every must be at least 1"),
         ("optim", "must look like section.key=value"),
         ("distill.methods=[chen2017, kd]", r"distill.methods: a non-empty list of distinct names"),
         ("distill.methods=[fgd, fgd]", r"distill.methods: a non-empty list of distinct names"),

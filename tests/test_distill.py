@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from odkd.boxes import decode, encode
 from odkd.checkpoint import load_model, save_model
@@ -112,6 +113,29 @@ def test_other_layouts_need_prior_mapping():
     )
     losses = task(images, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long))
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_teacher_of_another_input_size_sees_the_batch_at_its_own():
+    torch.manual_seed(0)
+    student = build_model("mobilenetv2_ssdlite320", num_classes=3, width_mult=0.5)
+    teacher = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.75)
+    cfg = tiny_cfg("distill.methods=[hinton, fgd]", "distill.prior_mapping=iou")
+    task = build_distillation_task(cfg, student, teacher).train()
+    images, boxes, labels = tiny_batch()
+    images = F.interpolate(images.float(), size=(320, 320), mode="bilinear").round().to(torch.uint8)
+    student_out, teacher_out = task.predict(images)
+    assert student_out.loc.shape == (2, 3234, 4) and teacher_out.loc.shape == (2, 3000, 4)
+    losses = task.losses((student_out, teacher_out), boxes, labels)
+    assert {"hinton/kd", "fgd/focal"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_teacher_classes_must_be_the_students_in_order():
+    student, teacher = models()
+    student.class_names, teacher.class_names = ("cat", "dog"), ("dog", "cat")
+    with pytest.raises(ValueError, match=r"teacher's classes \['dog', 'cat'\] are not the student's"):
+        build_distillation_task(tiny_cfg(), student, teacher)
+    teacher.class_names = None  # an imported checkpoint without names: only the count can be checked
+    build_distillation_task(tiny_cfg(), student, teacher)
 
 
 def test_feature_methods_pair_any_layout_and_prior_relative_ones_none():

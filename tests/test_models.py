@@ -77,10 +77,11 @@ def test_wrong_input_size_is_reported():
 
 def test_width_multiplier():
     base = build_model("mobilenetv2_ssdlite300")
-    for width, expansion in ((0.5, 288), (0.75, 432)):  # block 14 input 96*w channels, expanded x6
+    # Block 14's input is 96 w channels rounded to 8, expanded x6; the last conv 1280 channels, 1280 w above w = 1.
+    for width, expansion, last in ((0.5, 288, 1280), (0.75, 432, 1280), (1.4, 816, 1792)):
         model = build_model("mobilenetv2_ssdlite300", width_mult=width).eval()
-        assert model.backbone.out_channels == [expansion, 1280, 512, 256, 256, 64]
-        assert n_params(model) < n_params(base)
+        assert model.backbone.out_channels == [expansion, last, 512, 256, 256, 64]
+        assert (n_params(model) < n_params(base)) == (width < 1)
         with torch.no_grad():
             assert model(torch.randn(1, 3, 300, 300)).conf.shape == (1, 3000, 21)
     with pytest.raises(ValueError, match="no width multiplier"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from odkd.boxes import decode, encode
@@ -70,6 +71,11 @@ class DistillationTask(DetectionTask):
         super().__init__(student, neg_pos_ratio, iou_threshold, dfl_weight)
         if student.num_classes != teacher.num_classes:
             raise ValueError(f"the teacher has {teacher.num_classes} classes, the student {student.num_classes}")
+        if student.class_names and teacher.class_names and list(student.class_names) != list(teacher.class_names):
+            raise ValueError(  # every method compares class k of one with class k of the other
+                f"the teacher's classes {list(teacher.class_names)} are not the student's "
+                f"{list(student.class_names)} in the same order"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         self.distillers = nn.ModuleDict(distillers)
         same_layout = student.priors.shape == teacher.priors.shape and torch.allclose(student.priors, teacher.priors)
@@ -127,9 +133,14 @@ class DistillationTask(DetectionTask):
         return encode(boxes, self.model.priors), conf[:, index]
 
     def predict(self, images: torch.Tensor) -> tuple[SSDOutput, SSDOutput]:
-        """The student's output (with gradient) and the teacher's (without)."""
+        """The student's output (with gradient) and the teacher's (without). A teacher of another input
+        size (a 300 px teacher of a 320 px student) sees the batch resized to its own."""
         with torch.no_grad():
-            teacher_out = self.teacher(self.teacher.normalize(images))
+            teacher_images = self.teacher.normalize(images)
+            size = self.teacher.image_size
+            if teacher_images.shape[-2:] != (size, size):
+                teacher_images = F.interpolate(teacher_images, size=(size, size), mode="bilinear", antialias=True)
+            teacher_out = self.teacher(teacher_images)
         return super().predict(images), teacher_out
 
     def losses(

@@ -132,7 +132,9 @@ def mobilenetv2_ssdlite300(
 def mobilenetv2_ssdlite320(
     num_classes: int = 21, pretrained_backbone: Pretrained = None, width_mult: float = 1.0, dfl_bins: int = 0
 ) -> SSD:
-    """MobileNetV2-SSDLite on 320 px (lufficc/SSD's layout)."""
+    """MobileNetV2-SSDLite on 320 px: the 300 px model's architecture with a 20x20 first grid. lufficc/SSD's
+    320 px model differs (its first head reads the 96-channel block output, its coarse priors sit off-grid),
+    so its weights and published mAP do not carry over."""
     return _mobilenetv2_ssdlite(
         "mobilenetv2_ssdlite320", "lite320", num_classes, pretrained_backbone, width_mult, dfl_bins
     )
