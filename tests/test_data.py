@@ -1,6 +1,8 @@
 """VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
 
 import os
+import subprocess
+import sys
 import time
 
 import cv2
@@ -286,7 +288,7 @@ def test_decoded_image_cache_gives_the_same_items_and_follows_changes(tmp_path):
     cache = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
     sizes = [a.width * a.height * 3 for a in dataset.annotations]
     assert cache.path.stat().st_size == sum(sizes)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.path.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [cache.path.stem + ".lock", cache.path.name]
     dataset.image_cache = cache
     for i in range(6):  # the exact pixels read_image gives, so the same augmented items
         assert np.array_equal(cache[i], read_image(dataset.image_paths[i]))
@@ -316,6 +318,26 @@ def test_decoded_image_cache_errors_name_the_file(tmp_path):
     ):
         with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
             read()
-    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file left to be read
+    assert {p.suffix for p in (tmp_path / "cache").iterdir()} == {".lock"}  # no half-written file left to be read
     with pytest.raises(DatasetError, match="missing or incomplete decoded-image cache"):
         ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)
+    (folder / "JPEGImages" / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"a\.jpg: image file does not exist"):
+        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0)
+
+
+def test_decoded_image_cache_built_by_two_runs_at_once(tmp_path):
+    """Two trainings on one machine with the same data.cache_dir: one decodes, the other waits for it
+    (they used to write the same temporary file, and could rename a half-emptied one into place)."""
+    make_synthetic_voc(tmp_path, {"trainval": 40}, seed=5, min_size=80, max_size=120)
+    code = (
+        "import sys; from odkd.data import VOCDataset; from odkd.data.image_cache import ImageCache; "
+        "from odkd.data.synthetic import SYNTHETIC_CLASSES as C; "
+        "ImageCache.for_dataset(sys.argv[2], VOCDataset(sys.argv[1], 'SYN_trainval', C), workers=0, progress=False)"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", code, tmp_path, tmp_path / "cache"]) for _ in range(2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES)
+    cache = ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)
+    assert all(np.array_equal(cache[i], read_image(dataset.image_paths[i])) for i in range(len(dataset)))
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".lock", ".rgb"]

@@ -12,9 +12,12 @@ gets a new file instead of stale pixels. The pixels are exactly those :func:`rea
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +40,10 @@ def image_cache_path(directory: str | os.PathLike, paths: Sequence[Path], shapes
     """The cache file of these images (``shapes``: ``(height, width)`` each) in ``directory``."""
     digest = hashlib.sha1()
     for path, (h, w) in zip(paths, shapes, strict=True):
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as err:
+            raise DatasetError(f"{path}: image file does not exist or cannot be read ({err.strerror})") from err
         digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\t{h}x{w}\n".encode())
     return Path(directory) / f"images-{digest.hexdigest()[:16]}.rgb"
 
@@ -69,32 +75,42 @@ def build_image_cache(
 ) -> Path:
     """Decode ``paths`` into the cache file ``path`` unless it is already there; returns ``path``.
 
-    The file appears only when complete (written as ``.tmp``, then renamed), so an interrupted build is
-    redone, never read. :class:`DatasetError` names an image that does not read or does not match its
-    annotated size, or a disk without room.
+    The file appears only when complete (written under a name of its own, flushed to disk, then renamed),
+    so an interrupted build is redone, never read. Runs that need the same file at once (two trainings
+    on one machine) take turns through a lock file: one decodes, the others wait and read its result.
+    :class:`DatasetError` names an image that does not read or does not match its annotated size, or a
+    disk without room.
     """
     total = int(_offsets(shapes)[-1])
-    if path.is_file() and path.stat().st_size == total:
-        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path.parent).free
-    if free < total:
-        raise DatasetError(
-            f"the decoded-image cache needs {total / 2**30:.1f} GiB but {path.parent} has {free / 2**30:.1f} GiB "
-            "free: point data.cache_dir to a larger disk, or unset it"
-        )
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(total)
-    decode = _DecodeInto(tmp, paths, shapes)
-    loader = DataLoader(decode, batch_size=None, num_workers=workers)
-    for problem in tqdm(loader, total=len(decode), desc=f"decoding images into {path}", disable=not progress):
-        if problem is not None:
-            tmp.unlink()
-            raise DatasetError(problem)
-    if decode._pixels is not None:  # written in this process (no workers)
-        decode._pixels.flush()
-    os.replace(tmp, path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if path.is_file() and path.stat().st_size == total:
+            return path
+        free = shutil.disk_usage(path.parent).free
+        if free < total:
+            raise DatasetError(
+                f"the decoded-image cache needs {total / 2**30:.1f} GiB but {path.parent} has "
+                f"{free / 2**30:.1f} GiB free: point data.cache_dir to a larger disk, or unset it"
+            )
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}-", suffix=".tmp")
+        tmp = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.truncate(total)
+            decode = _DecodeInto(tmp, paths, shapes)
+            loader = DataLoader(decode, batch_size=None, num_workers=workers)
+            for problem in tqdm(loader, total=len(decode), desc=f"decoding images into {path}", disable=not progress):
+                if problem is not None:
+                    raise DatasetError(problem)
+            if decode._pixels is not None:  # written in this process (no workers)
+                decode._pixels.flush()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # on disk before it gets the name that says "complete"
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return path
 
 
