@@ -70,7 +70,7 @@ class DataConfig:
     synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
     keep_difficult: bool = False  # keep difficult objects in the training targets
-    skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping
+    skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping; reads each once at start
     batch_size: int = 32  # per process
     num_workers: int = 4
     cache_dir: str | None = None  # decode the train images once into a file here (VOC07+12: ~9 GB) and read that

@@ -129,6 +129,17 @@ def tiny_config(tmp_path, *extra):
     )  # fmt: skip
 
 
+def test_skip_invalid_leaves_out_unreadable_images(tmp_path):
+    cfg = tiny_config(tmp_path, "data.skip_invalid=true", f"data.cache_dir={tmp_path / 'cache'}")
+    jpegs = tmp_path / "voc" / "VOCSYN" / "JPEGImages"
+    broken = sorted(jpegs.glob("*.jpg"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match=rf"skipping {broken.stem}: .*not a readable image"):
+        train_set, test_set = build_datasets(cfg, build_detector(cfg), setup_distributed("cpu"))
+    assert len(train_set) + len(test_set) == 8 + 3 - 1 and broken not in train_set.image_paths
+    train_set[0]  # the decoded-image cache holds the readable ones
+
+
 def make_trainer(cfg):
     info = setup_distributed("cpu")
     torch.manual_seed(cfg.train.seed)

@@ -61,7 +61,8 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
     transform = build_transform(True, model.image_size, mean=mean)
-    common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid}
+    # Skipping bad images needs them found first: each is read once here (~1 ms per VOC photo).
+    common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
     if data.format == "coco":
         coco = data.coco
         train_set = COCODataset(
