@@ -84,7 +84,9 @@ def test_image_set_unions(tmp_path):
         (voc_xml(10, 10, [("cat", (5, 1, 5, 5), 0)]), "empty or inverted"),
         (voc_xml(10, 10, [("cat", (6, 1, 4, 5), 0)]), "empty or inverted"),
         (voc_xml(10, 10, [("cat", (1, 1, 30, 5), 0)]), "outside the 10x10 image"),
-        (voc_xml(10, 10, [("cat", (1, 1, "five", 5), 0)]), "not a number"),
+        (voc_xml(10, 10, [("cat", (1, 1, "five", 5), 0)]), "<xmax> is 'five', not a finite number"),
+        (voc_xml(10, 10, [("cat", ("nan", 1, 5, 5), 0)]), "<xmin> is 'nan', not a finite number"),
+        (voc_xml("inf", 10, []), "<width> is 'inf', not a finite number"),
         ("<annotation><object><name>cat</name></object></annotation>", "<size> is missing"),
     ],
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
@@ -46,7 +47,7 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: non-finite numbers are errors
 
 
 def _text(node: ET.Element, tag: str, path: Path) -> str:
@@ -59,9 +60,12 @@ def _text(node: ET.Element, tag: str, path: Path) -> str:
 def _number(node: ET.Element, tag: str, path: Path) -> float:
     text = _text(node, tag, path)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DatasetError(f"{path}: malformed annotation, <{tag}> is {text!r}, not a number") from None
+        value = math.nan
+    if not math.isfinite(value):  # "nan" passes every comparison check after this
+        raise DatasetError(f"{path}: malformed annotation, <{tag}> is {text!r}, not a finite number")
+    return value
 
 
 def parse_annotation(path: str | os.PathLike, class_names: Sequence[str]) -> Annotation:
