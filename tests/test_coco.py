@@ -15,7 +15,7 @@ from odkd.config import load_config
 from odkd.data import DatasetError, VOCDataset
 from odkd.data.coco import COCODataset, coco_class_names
 from odkd.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco, make_synthetic_voc
-from odkd.eval import ClassDetections, evaluate_coco, read_coco_results, write_coco_results
+from odkd.eval import ClassDetections, evaluate_coco, evaluate_dataset, read_coco_results, write_coco_results
 from odkd.models import build_model
 
 
@@ -111,6 +111,20 @@ def gt_as_detections(dataset, shift: float = 0.0, score: float = 0.9) -> dict[st
         name: ClassDetections(np.array(ids, dtype=str), np.array(scores), np.array(boxes).reshape(-1, 4))
         for name, (ids, scores, boxes) in rows.items()
     }
+
+
+@pytest.mark.parametrize(("shift", "ap"), [(0.5, 1.0), (1.5, 0.0)])
+def test_voc_metric_on_coco_data_uses_continuous_iou(tmp_path, shift, ap):
+    """COCO corners are continuous: a 4 x 4 box and its copy moved by 1.5 px overlap by 10 / 22 = 0.45
+    (the devkit's +1 pixel on these corners would say 17.5 / 32.5 = 0.54, a match); by 0.5 px 14 / 18."""
+    data = valid()
+    data["annotations"][0]["bbox"] = [10, 5, 4, 4]
+    dataset = COCODataset(write(tmp_path, data), tmp_path)
+    found = ClassDetections(
+        np.array([dataset.annotations[0].image_id]), np.ones(1), np.array([[10 + shift, 5, 14 + shift, 9]])
+    )
+    result = evaluate_dataset({"cat": found}, dataset, "voc07")
+    assert result.ap["cat"] == pytest.approx(ap)
 
 
 def test_coco_evaluation_by_hand(coco_root, tmp_path):

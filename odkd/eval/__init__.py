@@ -3,7 +3,10 @@ and COCO AP through pycocotools (:mod:`odkd.eval.coco`), behind :func:`evaluate_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+
+import numpy as np
 
 from odkd.eval import voc
 from odkd.eval.coco import (
@@ -39,7 +42,15 @@ def evaluate_dataset(
         if not hasattr(dataset, "annotation_file"):
             raise ValueError("the coco metric needs a COCO-format dataset (data.format: coco)")
         return evaluate_coco(detections, dataset)
-    return evaluate(detections, dataset.annotations, dataset.class_names, metric=metric)
+    annotations = dataset.annotations
+    # The devkit's IoU counts inclusive pixels (+1), right for VOC's 1-based corners (pixel_offset
+    # (1, 1, 0, 0)). Corners of another convention (COCO's continuous ones) are moved to VOC's first, or
+    # every small box would overlap more than it does.
+    to_devkit = np.array((1.0, 1.0, 0.0, 0.0)) - np.array(dataset.pixel_offset)
+    if to_devkit.any():
+        detections = {name: d._replace(boxes=d.boxes + to_devkit) for name, d in detections.items()}
+        annotations = [dataclasses.replace(a, boxes=a.boxes + to_devkit.astype(a.boxes.dtype)) for a in annotations]
+    return evaluate(detections, annotations, dataset.class_names, metric=metric)
 
 
 def format_result(result: VOCResult | COCOResult) -> str:
