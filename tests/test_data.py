@@ -156,6 +156,22 @@ def test_synthetic_dataset_is_voc_and_deterministic(tmp_path):
     assert (a / "Annotations/000003.xml").read_bytes() != (c / "Annotations/000003.xml").read_bytes()
 
 
+def test_an_interrupted_synthetic_rewrite_is_redone(tmp_path):
+    sizes = {"min_size": 60, "max_size": 80}
+    fresh = make_synthetic_voc(tmp_path / "fresh", {"trainval": 4, "test": 2}, seed=0, **sizes)
+    folder = make_synthetic_voc(tmp_path / "used", {"trainval": 4, "test": 2}, seed=0, **sizes)
+    blocker = folder / "Annotations" / "000003.xml"
+    blocker.unlink()
+    blocker.mkdir()  # writing it fails half-way through a rewrite with other settings
+    with pytest.raises(IsADirectoryError):
+        make_synthetic_voc(tmp_path / "used", {"trainval": 5}, seed=1, **sizes)
+    blocker.rmdir()
+    make_synthetic_voc(tmp_path / "used", {"trainval": 4, "test": 2}, seed=0, **sizes)  # not taken as up to date
+    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert all((fresh / f).read_bytes() == (folder / f).read_bytes() for f in files)
+
+
 @pytest.mark.parametrize("name", SYNTHETIC_CLASSES)
 def test_synthetic_objects_fill_their_boxes(name):
     """The annotation is the drawn object's extent (a ring's stroke once stuck out of its box by up to 17 px)."""
@@ -271,12 +287,18 @@ def test_iteration_sampler_shards_between_processes():
         IterationSampler(2, 1, 1, world_size=3)
 
 
-def test_distributed_eval_loader_uses_a_distributed_sampler(tmp_path):
-    make_synthetic_voc(tmp_path, {"trainval": 8}, seed=1)
+def test_distributed_eval_loaders_share_the_set_without_repeats(tmp_path):
+    make_synthetic_voc(tmp_path, {"trainval": 5}, seed=1)
     dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(False, 300))
-    loader = build_loader(dataset, batch_size=2, train=False, num_workers=0, rank=1, world_size=2)
-    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-    assert sorted(i for b in loader for i in b["indices"].tolist()) == [1, 3, 5, 7]  # rank 1 of 2
+    shares = [
+        [
+            i
+            for b in build_loader(dataset, 2, train=False, num_workers=0, rank=r, world_size=2)
+            for i in b["indices"].tolist()
+        ]
+        for r in range(2)
+    ]
+    assert shares == [[0, 2, 4], [1, 3]]  # no padding: a repeated image would be scored twice once gathered
 
 
 def test_decoded_image_cache_gives_the_same_items_and_follows_changes(tmp_path):

@@ -162,6 +162,8 @@ def test_bad_inputs_are_named():
         evaluate({"dog": (["a"], [0.9], [A])}, gt, ["cat"])
     with pytest.raises(ValueError, match="'a' more than once"):
         evaluate({}, gt + gt, ["cat"])
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):  # at 0 a box touching nothing would match
+        evaluate({}, gt, ["cat"], iou_threshold=0.0)
 
 
 # --- vectorised == loop ----------------------------------------------------------------------------

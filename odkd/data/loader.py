@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["IterationSampler", "build_loader", "collate", "prefetch_to_device"]
 
@@ -96,7 +96,7 @@ def build_loader(
     gt_slots: int = 0,
 ) -> DataLoader:
     """A DataLoader for training (:class:`IterationSampler`: ``max_iters`` batches from ``start_iter``)
-    or evaluation (in order; a DistributedSampler shares the set between processes under DDP).
+    or evaluation (in order; under DDP each process takes every world_size-th image, none twice).
     ``gt_slots``: pad the targets to at least this many objects per image (:func:`collate`).
 
     Workers are persistent and memory is pinned when CUDA is present.
@@ -106,7 +106,8 @@ def build_loader(
             raise ValueError("a training loader needs max_iters >= 1")
         sampler = IterationSampler(len(dataset), batch_size, max_iters, start_iter, seed, rank, world_size)
     else:
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        # Every world_size-th image from rank's: no padding, so no image is scored twice once gathered.
+        sampler = range(rank, len(dataset), world_size) if world_size > 1 else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -141,6 +141,11 @@ def _up_to_date(folder: Path, settings: dict) -> bool:
     return marker.is_file() and json.loads(marker.read_text()) == settings
 
 
+def _start_writing(folder: Path) -> None:
+    """Drop the marker before anything is overwritten: an interrupted rewrite is never taken as complete."""
+    (folder / _MARKER).unlink(missing_ok=True)
+
+
 def make_synthetic_voc(
     root: str | os.PathLike,
     splits: dict[str, int] | None = None,
@@ -159,6 +164,9 @@ def make_synthetic_voc(
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
     if _up_to_date(folder, settings):
         return folder
+    _start_writing(folder)
+    for old_split in (folder / "ImageSets" / "Main").glob("*.txt"):  # lists of another split set
+        old_split.unlink()
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     ids: dict[str, list[str]] = {split: [] for split in splits}
@@ -192,6 +200,9 @@ def make_synthetic_coco(
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
     if _up_to_date(root, settings):
         return root
+    _start_writing(root)
+    for old_split in (root / "annotations").glob("instances_*.json"):  # files of another split set
+        old_split.unlink()
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     category_of = dict(zip(SYNTHETIC_CLASSES, COCO_CATEGORY_IDS, strict=True))

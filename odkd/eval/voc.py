@@ -302,8 +302,8 @@ def evaluate(
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold {iou_threshold} must lie in [0, 1]")
+    if not 0.0 < iou_threshold <= 1.0:  # at 0 a detection touching no GT would still "match" one
+        raise ValueError(f"iou_threshold {iou_threshold} must lie in (0, 1]")
     unknown = sorted(set(detections) - set(class_names))
     if unknown:
         raise ValueError(f"detections for unknown classes {unknown}; the class list is {list(class_names)}")
