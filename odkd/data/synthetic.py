@@ -141,9 +141,12 @@ def _up_to_date(folder: Path, settings: dict) -> bool:
     return marker.is_file() and json.loads(marker.read_text()) == settings
 
 
-def _start_writing(folder: Path) -> None:
-    """Drop the marker before anything is overwritten: an interrupted rewrite is never taken as complete."""
+def _start_writing(folder: Path, split_files: str) -> None:
+    """Before anything is overwritten: drop the marker (an interrupted rewrite is never taken as complete)
+    and the split files (``split_files``, a pattern under ``folder``) of an earlier set of splits."""
     (folder / _MARKER).unlink(missing_ok=True)
+    for old in folder.glob(split_files):
+        old.unlink()
 
 
 def make_synthetic_voc(
@@ -164,9 +167,7 @@ def make_synthetic_voc(
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
     if _up_to_date(folder, settings):
         return folder
-    _start_writing(folder)
-    for old_split in (folder / "ImageSets" / "Main").glob("*.txt"):  # lists of another split set
-        old_split.unlink()
+    _start_writing(folder, "ImageSets/Main/*.txt")
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     ids: dict[str, list[str]] = {split: [] for split in splits}
@@ -200,9 +201,7 @@ def make_synthetic_coco(
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
     if _up_to_date(root, settings):
         return root
-    _start_writing(root)
-    for old_split in (root / "annotations").glob("instances_*.json"):  # files of another split set
-        old_split.unlink()
+    _start_writing(root, "annotations/instances_*.json")
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     category_of = dict(zip(SYNTHETIC_CLASSES, COCO_CATEGORY_IDS, strict=True))
