@@ -135,11 +135,14 @@ class DetectionDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return self.image_paths[index]
 
+    def _trained_on(self, ann: Annotation) -> np.ndarray:
+        """``(n,)`` bool: the objects of ``ann`` an item holds (difficult ones only if kept)."""
+        return np.ones(len(ann.labels), dtype=bool) if self.keep_difficult else ~ann.difficult
+
     @property
     def max_objects(self) -> int:
-        """The most objects an item can hold (its annotation's, less the difficult ones unless kept); the
-        augmentation only ever drops boxes."""
-        return max(len(a.labels) if self.keep_difficult else int((~a.difficult).sum()) for a in self.annotations)
+        """The most objects an item can hold; the augmentation only ever drops boxes."""
+        return max(int(self._trained_on(a).sum()) for a in self.annotations)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key``: an index, or ``(index, seed)`` to seed the augmentation of this item (what
@@ -152,7 +155,7 @@ class DetectionDataset(Dataset):
             image = self.image_cache[index]
         else:
             image = read_image(self.image_paths[index], (ann.height, ann.width))
-        keep = np.ones(len(ann.labels), dtype=bool) if self.keep_difficult else ~ann.difficult
+        keep = self._trained_on(ann)
         boxes = ann.boxes[keep] - np.array(self.pixel_offset, dtype=np.float32)  # 0-based pixels
         labels = ann.labels[keep]
         if self.transform is not None:
