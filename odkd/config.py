@@ -67,6 +67,8 @@ class DataConfig:
     coco: COCOFiles = field(default_factory=COCOFiles)
     # "voc", "coco" (the 80 COCO classes), "synthetic", "dataset" (COCO: the train file's categories), or names
     classes: str | list[str] = "synthetic"
+    # VOC: object names left out as background (train on a class subset); null = the VOC classes not in classes
+    ignore_classes: list[str] | None = None
     synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
     keep_difficult: bool = False  # keep difficult objects in the training targets
@@ -366,6 +368,10 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append("data.format coco needs data.coco.train_json and data.coco.train_images")
     if bool(coco.test_json) != bool(coco.test_images):
         problems.append("data.coco.test_json and data.coco.test_images go together")
+    if data.ignore_classes is not None and data.format != "voc":
+        problems.append("data.ignore_classes is for VOC data (COCO leaves out categories outside data.classes)")
+    elif data.ignore_classes is not None and (both := sorted(set(data.ignore_classes) & set(cfg.class_names))):
+        problems.append(f"data.ignore_classes: {both} are also in data.classes")
     if data.classes == "dataset" and data.format != "coco":
         problems.append("data.classes 'dataset' reads the categories of a COCO file: set data.format coco")
     if cfg.eval.metric == "coco" and data.format != "coco":

@@ -140,6 +140,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--classes", help="comma-separated class list (default: the 20 VOC classes; COCO: the file's categories)"
     )
+    parser.add_argument(
+        "--ignore-classes",
+        help="VOC: comma-separated object names left out (default: the VOC classes not in the class list)",
+    )
     parser.add_argument("--pr-curves", type=Path, help="save the precision-recall curves to this PNG")
     parser.add_argument("--draw", type=int, default=0, help="model mode: draw the first N images' detections")
     parser.add_argument("--draw-threshold", type=float, default=0.3, help="least score drawn")
@@ -157,6 +161,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.class_names = tuple(name.strip() for name in args.classes.split(","))
     else:
         args.class_names = cfg.class_names if cfg else (None if args.coco else VOC_CLASSES)
+    if args.ignore_classes is not None:
+        args.ignore_classes = tuple(name.strip() for name in args.ignore_classes.split(",") if name.strip())
+    elif cfg is not None:
+        args.ignore_classes = cfg.data.ignore_classes
     if args.checkpoint is None and (args.detections is None or args.draw):
         parser.error("without --checkpoint, --detections must name the detections to score (and --draw needs a model)")
     return _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
@@ -187,6 +195,8 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
     coco = cfg.data.coco if cfg is not None else None
     args.coco_json = args.coco_json or (Path(coco.test_json) if coco and coco.test_json else None)
     args.coco_images = args.coco_images or (Path(coco.test_images) if coco and coco.test_images else None)
+    if args.ignore_classes:
+        parser.error("--ignore-classes is for VOC data (COCO leaves out the categories outside --classes)")
     if args.coco_json is None:
         parser.error("COCO mode needs --coco-json (or a --config with data.coco.test_json)")
     if args.checkpoint is not None and args.coco_images is None:
@@ -198,7 +208,8 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
 
 def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
     """VOC mode: run the model and write the devkit result files (with --checkpoint), then score them."""
-    dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names)  # annotations only, no image read
+    # annotations only, no image read
+    dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names, ignore_classes=args.ignore_classes)
     if args.checkpoint is not None:
         paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
         print(f"wrote {len(paths)} result files to {args.detections}")

@@ -65,7 +65,8 @@ def valid():
         (lambda d: d.pop("categories"), "the 'categories' list is missing"),
         (lambda d: d["annotations"][0].update(image_id=2), "refers to no image"),
         (lambda d: d["annotations"][0].update(category_id=5), "annotation 9 has unknown category id 5"),
-        (lambda d: d["annotations"][0].update(bbox=[10, 5, 0, 10]), r"box \[10, 5, 0, 10\] is empty"),
+        (lambda d: d["annotations"][0].update(bbox=[10, 5, -1, 10]), r"box \[10, 5, -1, 10\] is inverted"),
+        (lambda d: d["annotations"][0].update(bbox=[10, 5, 1e999, 10]), "is inverted or not finite"),
         (lambda d: d["annotations"][0].update(bbox=[90, 5, 20, 10]), "lies outside the 100x50 image"),
         (lambda d: d["annotations"][0].update(bbox=[10, 5]), r"has bbox \[10, 5\], not \[x, y, w, h\]"),
         (lambda d: d["images"].append(dict(d["images"][0])), "image id 1 appears more than once"),
@@ -79,6 +80,18 @@ def test_bad_coco_files_name_the_file_and_the_item(tmp_path, change, message):
     with pytest.raises(DatasetError, match=message) as err:
         COCODataset(path, tmp_path)
     assert str(path) in str(err.value)
+
+
+def test_zero_size_boxes_are_left_out_with_a_warning(tmp_path):
+    # As in the official instances_train2017.json (annotation 918 of image 200365): height 0, area 0.
+    data = valid()
+    data["annotations"].append({"id": 918, "image_id": 1, "category_id": 4, "bbox": [29.65, 38.33, 1.03, 0.0]})
+    data["annotations"].append({"id": 919, "image_id": 1, "category_id": 4, "bbox": [3, 3, 0, 4]})
+    with pytest.warns(
+        UserWarning, match=r"bad.json: left out 2 box\(es\) of zero width or height \(annotation ids 918, 919\)"
+    ):
+        dataset = COCODataset(write(tmp_path, data), tmp_path)
+    np.testing.assert_array_equal(dataset.annotations[0].boxes, [[10, 5, 30, 15]])
 
 
 def test_class_lists_and_skipping_bad_images(tmp_path):

@@ -50,11 +50,20 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("distill.mu=0.5", r"unknown key distill.mu; valid keys of distill: \[.*'chen2017'"),
         ("distill.fgd.alpah=1", "unknown key distill.fgd.alpah"),
         ("model.dfl_bins=1", "model.dfl_bins: 0"),
+        ("data.ignore_classes=[triangle, hexagon]", r"data.ignore_classes: \['triangle'\] are also in data.classes"),
+        ("data.format=coco", "data.format coco needs data.coco.train_json"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_ignore_classes_is_for_voc_data():
+    assert load_config(None, ["data.classes=voc", "data.ignore_classes=[gnu]"]).data.ignore_classes == ["gnu"]
+    coco = ["data.format=coco", "data.coco.train_json=t.json", "data.coco.train_images=t", "data.ignore_classes=[a]"]
+    with pytest.raises(ConfigError, match=r"data\.ignore_classes is for VOC data"):
+        load_config(None, coco)
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_image_set_unions(tmp_path):
     ("xml", "problem"),
     [
         ("<annotation><size><width>10</width>", "malformed XML"),
-        (voc_xml(10, 10, [("horse", (1, 1, 5, 5), 0)]), "unknown class 'horse'"),
+        (voc_xml(10, 10, [("hrose", (1, 1, 5, 5), 0)]), "unknown class 'hrose'"),
         (voc_xml(10, 10, [("cat", (5, 1, 5, 5), 0)]), "empty or inverted"),
         (voc_xml(10, 10, [("cat", (6, 1, 4, 5), 0)]), "empty or inverted"),
         (voc_xml(10, 10, [("cat", (1, 1, 30, 5), 0)]), "outside the 10x10 image"),
@@ -98,6 +98,25 @@ def test_bad_annotations_name_the_file(tmp_path, xml, problem):
     with pytest.warns(UserWarning, match="skipped 1 of 2 images"):
         dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, skip_invalid=True)
     assert [a.image_id for a in dataset.annotations] == ["good"]
+
+
+def test_class_subsets_leave_other_objects_out(tmp_path):
+    horse, cat, dog = ("horse", (1, 1, 9, 9), 0), ("cat", (2, 2, 6, 6), 0), ("dog", (3, 3, 8, 8), 0)
+    write_voc(tmp_path, {"a": (10, 10, [horse, cat, horse, dog]), "b": (10, 10, [horse])})
+    dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)  # horse: a VOC class outside the list
+    assert [a.labels.tolist() for a in dataset.annotations] == [[1, 2], []]
+    torch.testing.assert_close(dataset[0]["boxes"], torch.tensor([[0.1, 0.1, 0.6, 0.6], [0.2, 0.2, 0.8, 0.8]]))
+    assert dataset[1]["boxes"].shape == (0, 4)  # an image of only left-out objects teaches background
+    # A name outside VOC is an error unless listed; listing ignore_classes replaces the VOC default.
+    write_voc(tmp_path, {"c": (10, 10, [("gnu", (1, 1, 5, 5), 0), cat])})
+    with pytest.raises(DatasetError, match=r"c\.xml: unknown class 'gnu'.*ignore_classes"):
+        VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    assert VOCDataset(tmp_path, "2007_trainval", CLASSES, ignore_classes=["gnu"]).annotations[0].labels.tolist() == [1]
+    write_voc(tmp_path, {"a": (10, 10, [horse, cat])})
+    with pytest.raises(DatasetError, match="unknown class 'horse'"):  # the cache is keyed by the ignored names
+        VOCDataset(tmp_path, "2007_trainval", CLASSES, ignore_classes=["gnu"])
+    with pytest.raises(ValueError, match=r"\['cat'\] are both in the class list and in ignore_classes"):
+        VOCDataset(tmp_path, "2007_trainval", CLASSES, ignore_classes=["cat"])
 
 
 def test_bad_images_name_the_file(tmp_path):

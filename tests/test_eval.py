@@ -275,6 +275,32 @@ def test_devkit_numbers_through_the_api(devkit_case, metric):
     assert_matches_devkit({**result.ap, "mAP": result.mAP}, expected[metric])
 
 
+def test_class_subset_keeps_the_devkit_numbers_of_its_classes(devkit_case):
+    # Trained on a few VOC classes, the other objects are left out: the devkit scores each class against
+    # its own objects only, so the listed classes keep their full-VOC AP.
+    folder, expected = devkit_case
+    subset = ("bus", "cat", "person", "train")
+    _, annotations = load_annotations(folder / "VOCdevkit", "2007_val", subset)
+    assert {label for a in annotations for label in a.labels.tolist()} <= {1, 2, 3, 4}
+    result = evaluate(read_devkit_results(folder / "results", "val", subset), annotations, subset)
+    for name in subset:
+        assert result.ap[name] == pytest.approx(expected["voc07"][name], abs=1e-4), name
+
+
+def test_class_subset_through_the_script(devkit_case, run_script):
+    folder, expected = devkit_case
+    others = ",".join(name for name in VOC_CLASSES if name not in ("cat", "dog"))
+    output = folder / "ap_subset.json"
+    args = ["--detections", folder / "results", "--voc-root", folder / "VOCdevkit", "--year", "2007"]
+    args += ["--image-set", "val", "--classes", "cat,dog", "--ignore-classes", others, "--output-json", output]
+    done = run_script("evaluate.py", *args)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(output.read_text())["ap"]
+    assert written == pytest.approx({name: expected["voc07"][name] for name in ("cat", "dog")}, abs=1e-4)
+    bad = run_script("evaluate.py", *args[:-4], "--classes", "cat,dog", "--ignore-classes", "dog")
+    assert bad.returncode != 0 and "['dog'] are both in the class list and in ignore_classes" in bad.stderr
+
+
 @pytest.mark.parametrize("metric", ["voc07", "area"])
 def test_devkit_numbers_through_the_script(devkit_case, run_script, metric):
     folder, expected = devkit_case

@@ -8,8 +8,10 @@ train on a subset) categories are matched by name and objects of the other categ
 they count as background). Crowd boxes are treated like VOC's difficult objects: not trained on by default,
 ignored by the evaluation. Images without objects are kept (they teach background).
 
-Bad data (unreadable JSON, a missing field, an annotation of an unknown image or category, a box that is
-empty or outside its image) raises :class:`DatasetError` naming the file and the item; with
+Boxes of zero width or height (the official train2017 file has two, e.g. annotation 918 of image 200365)
+are left out with one warning that counts them: they mark no object and would stop the run otherwise. Bad
+data (unreadable JSON, a missing field, an annotation of an unknown image or category, a box of negative
+size, not finite or outside its image) raises :class:`DatasetError` naming the file and the item; with
 ``skip_invalid=True`` images with bad annotations are left out instead (one warning each and a count).
 """
 
@@ -19,6 +21,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,13 +140,20 @@ class COCODataset(DetectionDataset):
             if image_id not in objects:
                 raise DatasetError(f"{self.annotation_file}: annotation {ann!r} refers to no image of the file")
             objects[image_id].append(ann)
-        found = []
+        found, zero_size = [], []
         for image_id, (file_name, width, height) in images.items():
             try:
-                ann = self._annotation(image_id, width, height, objects[image_id], label_of, categories)
+                ann = self._annotation(image_id, width, height, objects[image_id], label_of, categories, zero_size)
             except DatasetError as err:
                 ann = err
             found.append((self.image_dir / file_name, ann))
+        if zero_size:
+            shown = ", ".join(map(str, zero_size[:5])) + (", ..." if len(zero_size) > 5 else "")
+            warnings.warn(
+                f"{self.annotation_file}: left out {len(zero_size)} box(es) of zero width or height "
+                f"(annotation ids {shown})",
+                stacklevel=2,
+            )
         self._keep(found, skip_invalid, check_images, f"{self.annotation_file}")
         self.coco_ids = [int(ann.image_id) for ann in self.annotations]
 
@@ -173,8 +183,10 @@ class COCODataset(DetectionDataset):
         objects: list[dict],
         label_of: dict[int, int],
         categories: dict[int, str],
+        zero_size: list,
     ) -> Annotation:
-        """One image's objects as an :class:`Annotation` in 0-based pixels (corners within 1 px clipped)."""
+        """One image's objects as an :class:`Annotation` in 0-based pixels (corners within 1 px clipped);
+        the ids of boxes of zero width or height are appended to ``zero_size`` instead."""
         where = f"{self.annotation_file}: image {image_id}"
         boxes, labels, crowd = [], [], []
         for obj in objects:
@@ -187,8 +199,11 @@ class COCODataset(DetectionDataset):
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
                 raise DatasetError(f"{where}: annotation {obj.get('id')} has bbox {bbox!r}, not [x, y, w, h]")
             x, y, w, h = (float(v) for v in bbox)
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                raise DatasetError(f"{where}: annotation {obj.get('id')} box {bbox} is empty or not finite")
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+                raise DatasetError(f"{where}: annotation {obj.get('id')} box {bbox} is inverted or not finite")
+            if w == 0 or h == 0:
+                zero_size.append(obj.get("id"))
+                continue
             t = _EDGE_TOLERANCE
             box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
             if x < -t or y < -t or x + w > width + t or y + h > height + t or box[0] >= box[2] or box[1] >= box[3]:

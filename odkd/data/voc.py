@@ -11,6 +11,11 @@ Image sets are written ``<year>_<set>`` and joined with ``+``: ``"2007_trainval+
 folder of your choice); the cache is keyed by every XML file's size and modification time, so it is
 rebuilt when any annotation changes.
 
+Training on a subset of the classes (e.g. ``class_names=("bus", "car", "cat")`` on full VOC): objects of
+the names in ``ignore_classes`` are left out, so they count as background; by default these are the VOC
+classes outside the class list. Per-class AP of the listed classes is the same as on the full class list
+(the devkit scores each class against its own objects only). Any other name is an unknown class.
+
 Bad data (a missing or corrupt image, malformed XML, an unknown class, a box with ``xmin >= xmax``
 or outside the image) raises :class:`DatasetError` naming the file and the problem. With
 ``skip_invalid=True`` such images are left out instead, with one warning each and a count at the end.
@@ -24,7 +29,7 @@ import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,7 @@ __all__ = [
     "Annotation",
     "DatasetError",
     "VOCDataset",
+    "ignored_classes",
     "load_annotations",
     "parse_annotation",
     "parse_image_sets",
@@ -68,13 +74,27 @@ def _number(node: ET.Element, tag: str, path: Path) -> float:
     return value
 
 
-def parse_annotation(path: str | os.PathLike, class_names: Sequence[str]) -> Annotation:
-    """Parse one VOC XML file; class ``class_names[i]`` gets label ``i + 1``.
+def ignored_classes(class_names: Sequence[str], ignore_classes: Collection[str] | None = None) -> frozenset[str]:
+    """The object names to leave out: ``ignore_classes``, or with None the VOC classes outside
+    ``class_names``; ValueError if a name is both trained on and ignored."""
+    if ignore_classes is None:
+        return frozenset(VOC_CLASSES) - set(class_names)
+    if both := sorted(set(ignore_classes) & set(class_names)):
+        raise ValueError(f"classes {both} are both in the class list and in ignore_classes")
+    return frozenset(ignore_classes)
+
+
+def parse_annotation(
+    path: str | os.PathLike, class_names: Sequence[str], ignore_classes: Collection[str] | None = None
+) -> Annotation:
+    """Parse one VOC XML file; class ``class_names[i]`` gets label ``i + 1``; objects of the names
+    :func:`ignored_classes` gives are left out.
 
     Raises :class:`DatasetError` for malformed XML, unknown classes, and boxes that are empty,
     inverted or outside the image (VOC coordinates are 1-based: 1 <= xmin < xmax <= width).
     """
     path = Path(path)
+    ignored = ignored_classes(class_names, ignore_classes)
     try:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
@@ -91,8 +111,13 @@ def parse_annotation(path: str | os.PathLike, class_names: Sequence[str]) -> Ann
     boxes, labels, difficult = [], [], []
     for obj in root.iter("object"):
         name = _text(obj, "name", path)
+        if name in ignored:
+            continue
         if name not in index:
-            raise DatasetError(f"{path}: unknown class {name!r}; the class list is {list(class_names)}")
+            raise DatasetError(
+                f"{path}: unknown class {name!r}; the class list is {list(class_names)} "
+                f"(to leave such objects out as background, list the name in ignore_classes)"
+            )
         bndbox = obj.find("bndbox")
         if bndbox is None:
             raise DatasetError(f"{path}: malformed annotation, object {name!r} has no <bndbox>")
@@ -145,15 +170,17 @@ def load_annotations(
     image_sets: str,
     class_names: Sequence[str] = VOC_CLASSES,
     cache_dir: str | os.PathLike | None = None,
+    ignore_classes: Collection[str] | None = None,
 ) -> tuple[list[tuple[str, str]], list[Annotation | DatasetError]]:
     """The (year, image id) items of ``image_sets`` and their parsed annotations (or the error each
     raised), through the cache."""
     root = Path(root)
+    ignored = ignored_classes(class_names, ignore_classes)
     items = [(year, i) for year, name in parse_image_sets(image_sets) for i in _image_ids(root, year, name)]
     xml_paths = [root / f"VOC{year}" / "Annotations" / f"{i}.xml" for year, i in items]
 
-    # The key covers the class list and every file's identity, size and mtime: any edit rebuilds the cache.
-    digest = hashlib.sha1(json.dumps([CACHE_VERSION, list(class_names)]).encode())
+    # The key covers the class lists and every file's identity, size and mtime: any edit rebuilds the cache.
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, list(class_names), sorted(ignored)]).encode())
     for p in xml_paths:
         try:
             st = p.stat()
@@ -172,7 +199,7 @@ def load_annotations(
     annotations: list[Annotation | DatasetError] = []
     for p in xml_paths:
         try:
-            annotations.append(parse_annotation(p, class_names))
+            annotations.append(parse_annotation(p, class_names, ignored))
         except DatasetError as err:
             annotations.append(err)
     try:
@@ -193,6 +220,7 @@ class VOCDataset(DetectionDataset):
         root: folder containing ``VOC<year>/``.
         image_sets: e.g. ``"2007_trainval+2012_trainval"``.
         class_names: the class list (default: the 20 VOC classes); label i+1 is class_names[i].
+        ignore_classes: object names left out as background (default: the VOC classes not in the list).
         transform: callable ``(image, boxes_pixels, labels) -> (image, boxes_relative, labels)``.
         keep_difficult: keep difficult objects in the training targets (default: drop them).
         skip_invalid: leave out images with bad data (one warning each) instead of raising.
@@ -212,10 +240,11 @@ class VOCDataset(DetectionDataset):
         skip_invalid: bool = False,
         check_images: bool = False,
         cache_dir: str | os.PathLike | None = None,
+        ignore_classes: Collection[str] | None = None,
     ) -> None:
         super().__init__(class_names, transform, keep_difficult)
         self.root = Path(root)
-        items, annotations = load_annotations(self.root, image_sets, self.class_names, cache_dir)
+        items, annotations = load_annotations(self.root, image_sets, self.class_names, cache_dir, ignore_classes)
         paths = [self.root / f"VOC{year}" / "JPEGImages" / f"{image_id}.jpg" for year, image_id in items]
         self._keep(
             zip(paths, annotations, strict=True), skip_invalid, check_images, f"{self.root}: image set {image_sets}"

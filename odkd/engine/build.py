@@ -70,6 +70,7 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
         )
         test_set = COCODataset(coco.test_json, coco.test_images, **common) if coco.test_json else None
     else:
+        common["ignore_classes"] = data.ignore_classes
         train_set = VOCDataset(
             data.voc_root, data.train_sets, transform=transform, keep_difficult=data.keep_difficult, **common
         )
