@@ -11,7 +11,8 @@ RGB pixels. Two forms:
   ``labels`` (K,) and ``image_index`` (K,), ordered by image then decreasing score.
 
 The batch size is dynamic; the image size is the model's. Class names, the input size and the
-post-processing settings go into the ONNX file's metadata.
+post-processing settings go into the ONNX file's metadata. NMS is ONNX's NonMaxSuppression with each
+(image, class) as one of its batches, so an image's detections do not depend on its place in the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from odkd.boxes import decode
 from odkd.models import SSD
 from odkd.postprocess import postprocess_flat
 
-__all__ = ["DeployedDetector", "export_onnx"]
+__all__ = ["DeployedDetector", "export_onnx", "onnx_program"]
 
 
 class DeployedDetector(nn.Module):
@@ -64,25 +65,7 @@ def export_onnx(
     deployed = DeployedDetector(copy.deepcopy(model).cpu().float(), postprocess, **postprocess_kwargs).eval()
     size = model.image_size
     outputs = ["boxes", "scores", "labels", "image_index"] if postprocess else ["boxes", "scores"]
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    # The exporter and torchvision print graph dumps and deprecation notes while tracing the data-dependent
-    # NMS: keep them, and show them only if the export fails.
-    chatter = io.StringIO()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
-            program = torch.onnx.export(
-                deployed,
-                (torch.rand(2, 3, size, size) * 255,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=outputs,
-                dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-    except Exception:
-        sys.stderr.write(chatter.getvalue())
-        raise
+    program = onnx_program(deployed, {"images": torch.rand(2, 3, size, size) * 255}, outputs, opset)
     program.save(str(path))
     graph = onnx.load(str(path))
     metadata = {
@@ -97,3 +80,50 @@ def export_onnx(
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(path))
     return path
+
+
+def onnx_program(
+    module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int = 18
+) -> torch.onnx.ONNXProgram:
+    """``module`` traced with ``inputs`` (name -> example; dim 0 of each is the dynamic batch) into an
+    ONNX program, :func:`odkd.postprocess.nms_rows` as ONNX NonMaxSuppression."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    # The exporter prints graph dumps and notes while tracing the data-dependent NMS: keep them, and show
+    # them only if the export fails.
+    chatter = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            return torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(inputs),
+                output_names=output_names,
+                dynamic_shapes=tuple({0: batch} for _ in inputs),
+                custom_translation_table={torch.ops.odkd.nms_rows.default: _nms_rows_onnx},
+                verbose=False,
+            )
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
+
+
+def _nms_rows_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
+    """:func:`odkd.postprocess.nms_rows` in ONNX: rows are NonMaxSuppression's batches, each of one class;
+    it returns (batch, class, box) triples, so the flat index is batch * N + box. Every candidate may
+    survive (max_output_boxes_per_class = N). IoU is symmetric in x and y, so x1,y1,x2,y2 serve for the
+    op's y1,x1,y2,x2."""
+    from onnxscript import opset18 as op
+
+    n = op.Shape(boxes, start=1, end=2)
+    selected = op.NonMaxSuppression(
+        boxes,
+        op.Unsqueeze(scores, op.Constant(value_ints=[1])),
+        n,
+        op.Constant(value_floats=[iou_threshold]),
+        op.Constant(value_floats=[score_threshold]),
+    )
+    row = op.Gather(selected, op.Constant(value_int=0), axis=1)
+    index = op.Gather(selected, op.Constant(value_int=2), axis=1)
+    return op.Add(op.Mul(row, n), index)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms
 
 from odkd.boxes import DEFAULT_VARIANCES, decode
 
-__all__ = ["Detections", "FlatDetections", "postprocess", "postprocess_flat"]
+__all__ = ["Detections", "FlatDetections", "nms_rows", "postprocess", "postprocess_flat"]
 
 
 class Detections(NamedTuple):
@@ -57,7 +57,7 @@ def postprocess_flat(
         boxes = boxes.clamp(0.0, 1.0)
     scores = conf.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # (B, C-1, P)
 
-    # Per image and class, the top-k priors by score.
+    # Per image and class, the top-k priors by score: one row of candidates per (image, class).
     k = min(top_k, num_priors)
     top_scores, top_prior = scores.topk(k, dim=2)  # (B, C-1, k)
     cand_boxes = boxes.gather(1, top_prior.reshape(batch, -1, 1).expand(-1, -1, 4)).reshape(-1, 4)
@@ -65,15 +65,11 @@ def postprocess_flat(
     class_ids = torch.arange(1, num_classes, device=conf.device)
     cand_labels = class_ids.repeat_interleave(k).repeat(batch)
     cand_images = torch.arange(batch, device=conf.device).repeat_interleave((num_classes - 1) * k)
+    kept = nms_rows(cand_boxes.reshape(-1, k, 4), top_scores.reshape(-1, k), nms_threshold, score_threshold)
 
-    keep = cand_scores > score_threshold
-    cand_boxes, cand_scores = cand_boxes[keep], cand_scores[keep]
-    cand_labels, cand_images = cand_labels[keep], cand_images[keep]
-    # One NMS call for the batch: the group id separates images and classes.
-    kept = _grouped_nms(cand_boxes, cand_scores, cand_images * num_classes + cand_labels, nms_threshold)
-
-    # kept is in decreasing score order; sorting by (image, position in kept) groups it by image and keeps
-    # that order within each image. The keys are unique, so any sort is stable (ONNX has no stable sort).
+    # By decreasing score, then by (image, position): grouped by image, by decreasing score within each.
+    # The second keys are unique, so any sort is stable (ONNX has no stable sort).
+    kept = kept[cand_scores[kept].sort(descending=True).indices]
     position = torch.arange(len(kept), device=kept.device)
     kept = kept[(cand_images[kept] * len(kept) + position).sort().indices]
     images = cand_images[kept]
@@ -84,19 +80,30 @@ def postprocess_flat(
     return FlatDetections(cand_boxes[kept], cand_scores[kept], cand_labels[kept], cand_images[kept])
 
 
-def _grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """NMS within each group. Eager: torchvision's ``batched_nms`` (which picks its algorithm by the number
-    of boxes), in float64: its coordinate-offset form shifts group g by about 2 g (up to ~2,700 for a
-    batch of 64 images of 21 classes), where float32 would round coordinates to 2.4e-4 and change which
-    small boxes survive; the same image then got other detections in another place of the batch.
-    Inside an export the number is not known, so always the coordinate-offset form: one NMS call with
-    every group shifted by ``group * (largest |coordinate| + 1)``, so boxes of different groups never
-    overlap (float32, ONNX's NonMaxSuppression takes nothing else; an exported graph is usually run on
-    single images, where the groups are the classes alone)."""
-    if not torch.compiler.is_exporting():
-        return batched_nms(boxes.double(), scores.double(), groups, iou)
-    span = torch.cat((boxes.detach().abs().flatten(), boxes.new_ones(1))).max() + 1  # safe when empty
-    return nms(boxes + (groups.to(boxes) * span)[:, None], scores, iou)
+@torch.library.custom_op("odkd::nms_rows", mutates_args=())
+def nms_rows(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float) -> torch.Tensor:
+    """NMS within each row: ``boxes`` ``(R, N, 4)`` x1,y1,x2,y2, ``scores`` ``(R, N)`` -> ``(K,)`` int64
+    flat indices ``r * N + n`` of the boxes kept, in no particular order. A box is a candidate when its
+    score is above ``score_threshold`` and is dropped when its IoU with a higher-scoring kept box of its
+    row is above ``iou_threshold``.
+
+    One op so that an export can say what it is: ONNX's NonMaxSuppression with each row as one of its
+    batches, exact per row (``odkd.export``). Eager: one torchvision ``batched_nms`` call in float64,
+    whose coordinate-offset form shifts row r by about 2 r (~2,700 for 64 images x 21 classes), where
+    float32 would round coordinates to 2.4e-4 and change which small boxes survive: an image's detections
+    would then depend on its place in the batch.
+    """
+    n = scores.shape[1]
+    flat_scores = scores.reshape(-1)
+    candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
+    groups = torch.div(candidates, n, rounding_mode="floor")
+    boxes = boxes.reshape(-1, 4)[candidates].double()
+    return candidates[batched_nms(boxes, flat_scores[candidates].double(), groups, iou_threshold)]
+
+
+@nms_rows.register_fake
+def _(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float) -> torch.Tensor:
+    return scores.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
 def postprocess(

@@ -62,12 +62,19 @@ def check(path: Path, model: SSD, settings: dict, batch: int = 2) -> str:
 
 
 def _same_detections(got: list[np.ndarray], expected: list[np.ndarray]) -> int:
-    """PyTorch detections (boxes, scores, labels, image_index) that onnxruntime also returns."""
-    keys = {(int(i), int(c), round(float(s), 5)): b for b, s, c, i in zip(*got, strict=True)}
+    """PyTorch detections (boxes, scores, labels, image_index) that onnxruntime also returns, matched one
+    to one (several detections of an image and class can share a score)."""
+    unmatched: dict[tuple[int, int], list[tuple[float, np.ndarray]]] = {}
+    for box, score, label, image in zip(*got, strict=True):
+        unmatched.setdefault((int(image), int(label)), []).append((float(score), box))
     same = 0
     for box, score, label, image in zip(*expected, strict=True):
-        match = keys.get((int(image), int(label), round(float(score), 5)))
-        same += match is not None and bool(np.abs(match - box).max() < 1e-4)
+        candidates = unmatched.get((int(image), int(label)), [])
+        for j, (other_score, other_box) in enumerate(candidates):
+            if abs(other_score - float(score)) < 1e-5 and np.abs(other_box - box).max() < 1e-4:
+                del candidates[j]
+                same += 1
+                break
     return same
 
 

@@ -8,16 +8,19 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from _crowded import IMAGES, crowded_batch
 from _tiny_ssd import tiny_ssd
+from torch import nn
 
 from odkd.checkpoint import save_model
-from odkd.export import DeployedDetector, export_onnx
+from odkd.export import DeployedDetector, export_onnx, onnx_program
 from odkd.models import build_model
+from odkd.postprocess import nms_rows, postprocess_flat
 
 
-def run_onnx(path, images: torch.Tensor) -> list[np.ndarray]:
+def run_onnx(path, images: torch.Tensor, **inputs: torch.Tensor) -> list[np.ndarray]:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images.numpy()})
+    return session.run(None, {name: t.numpy() for name, t in {"images": images, **inputs}.items() if t is not None})
 
 
 def test_network_export_matches_pytorch_for_any_batch(tmp_path):
@@ -85,3 +88,52 @@ def test_other_architectures_export(tmp_path, name):
     size = model.image_size
     boxes, _ = run_onnx(path, torch.rand(1, 3, size, size) * 255)
     assert boxes.shape == (1, model.priors.shape[0], 4)
+
+
+class PostProcessing(nn.Module):
+    def __init__(self, priors: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("priors", priors)
+
+    def forward(self, loc: torch.Tensor, conf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(postprocess_flat(loc, conf, self.priors))
+
+
+def test_exported_nms_does_not_depend_on_an_images_place_in_the_batch(tmp_path):
+    """Each (image, class) is its own batch of ONNX's NonMaxSuppression: exact in float32, where one NMS
+    call over coordinates shifted per group (what torchvision's batched_nms exports) rounds them: that
+    form gave 5 of these 48 images other detections last in the batch than first (seeds 3 to 5)."""
+    for seed in range(6):
+        loc, conf, priors = crowded_batch(seed)
+        program = onnx_program(PostProcessing(priors).eval(), {"loc": loc[:2], "conf": conf[:2]}, ["b", "s", "l", "i"])
+        program.save(str(tmp_path / "post.onnx"))
+        assert "NonMaxSuppression" in {node.op_type for node in onnx.load(str(tmp_path / "post.onnx")).graph.node}
+        boxes, scores, labels, image_index = run_onnx(tmp_path / "post.onnx", None, loc=loc, conf=conf)
+        expected = postprocess_flat(loc, conf, priors)
+        np.testing.assert_array_equal(image_index, expected.image_index.numpy())
+        np.testing.assert_array_equal(labels, expected.labels.numpy())
+        np.testing.assert_allclose(boxes, expected.boxes.numpy(), atol=1e-6)
+        np.testing.assert_allclose(scores, expected.scores.numpy(), atol=1e-6)
+        for i in range(IMAGES):
+            first, last = image_index == i, image_index == 63 - i
+            assert 10 < first.sum() < 60, (seed, i)
+            np.testing.assert_array_equal(boxes[first], boxes[last])
+
+
+class RowNMS(nn.Module):
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return nms_rows(boxes, scores, 0.5, 0.25)
+
+
+def test_nms_rows_by_hand_in_pytorch_and_onnxruntime(tmp_path):
+    # Row 0: B overlaps A by IoU 0.5 exactly (not above: kept); C by 0.75 (dropped); D scores exactly 0.25
+    # (not above: no candidate). Row 1: the same boxes, other scores: C first, then A (IoU 0.75, dropped)
+    # and B (IoU with C = 0.5 / 0.75 = 0.667, dropped); D is disjoint and kept.
+    a, b, c, d = [0, 0, 1, 1], [0, 0, 1, 0.5], [0, 0, 1, 0.75], [2, 2, 3, 3]
+    boxes = torch.tensor([[a, b, c, d], [a, b, c, d]], dtype=torch.float32)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.25], [0.6, 0.5, 0.95, 0.3]])
+    expected = [0, 1, 4 + 2, 4 + 3]
+    assert sorted(RowNMS()(boxes, scores).tolist()) == expected
+    onnx_program(RowNMS(), {"boxes": boxes, "scores": scores}, ["kept"]).save(str(tmp_path / "rows.onnx"))
+    (kept,) = run_onnx(tmp_path / "rows.onnx", None, boxes=boxes, scores=scores)
+    assert sorted(kept.tolist()) == expected

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _crowded import BOXES, IMAGES, crowded_batch
 
 from odkd.postprocess import postprocess
 
@@ -88,25 +89,13 @@ def test_many_priors_cap_holds():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_an_images_detections_do_not_depend_on_its_place_in_the_batch(device):
-    """One NMS call serves the batch: torchvision shifts each (image, class) group by about twice its
-    index, up to ~2,700 for 64 images of 21 classes, where float32 rounds coordinates to 2.4e-4 and
-    changed which small boxes survived. Eight images of 60 small crowded boxes each, placed first and
-    again last in a batch of 64 (960 boxes: few enough for that path on CPU as well), must give the same
-    detections in both places."""
-    images, boxes = 8, 60
+    """One NMS call serves the batch (960 candidates: few enough for torchvision's coordinate-offset
+    path on CPU as well); each image placed first and last in the batch gives the same detections."""
     for seed in range(6):
-        g = torch.Generator().manual_seed(seed)
-        centres = 0.45 + 0.1 * torch.rand(images * boxes, 2, generator=g)
-        sizes = 0.005 + 0.02 * torch.rand(images * boxes, 2, generator=g)
-        conf = torch.zeros(64, images * boxes, 21)
-        conf[..., 0] = 30.0  # background, except class 20 on image i's own boxes in images i and 63 - i
-        scores = 30.0 + 3 * torch.randn(images, boxes, generator=g)
-        for i in range(images):
-            conf[[i, 63 - i], i * boxes : (i + 1) * boxes, 20] = scores[i]
-        priors = torch.cat((centres, sizes), 1).to(device)
-        out = postprocess(torch.zeros(64, images * boxes, 4, device=device), conf.to(device), priors)
-        for i in range(images):
-            assert 10 < len(out[i].scores) < boxes
+        loc, conf, priors = crowded_batch(seed)
+        out = postprocess(loc.to(device), conf.to(device), priors.to(device))
+        for i in range(IMAGES):
+            assert 10 < len(out[i].scores) < BOXES
             assert all(torch.equal(a, b) for a, b in zip(out[i], out[63 - i], strict=True)), (seed, i)
 
 
