@@ -1,5 +1,7 @@
-"""SSD augmentation: the crop's IoU rule, expand and flip geometry, and valid boxes whatever happens."""
+"""SSD augmentation: photometric distortion, the crop's IoU rule, expand and flip geometry, and valid
+boxes whatever happens."""
 
+import colorsys
 import itertools
 import random
 
@@ -11,7 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odkd.data.transforms import DetectionTransform, ExpandCropFlipResize, build_transform, sample_min_iou_crop
+from odkd.data.transforms import (
+    CHANNEL_ORDERS,
+    DetectionTransform,
+    ExpandCropFlipResize,
+    PhotometricDistort,
+    build_transform,
+    sample_min_iou_crop,
+)
 from odkd.models import IMAGENET
 
 
@@ -192,16 +201,27 @@ def test_geometry_draws_expand_crop_and_flip_as_configured():
     assert params["crop"][2] <= 160 and params["crop"][3] <= 120
 
 
+def photometric_decisions(params: dict) -> list[bool]:
+    """Which of the five steps of :class:`PhotometricDistort` the parameters apply."""
+    return [
+        params["brightness"] != 0.0,
+        params["contrast"] != 1.0,
+        params["saturation"] != 1.0,
+        params["hue"] != 0.0,
+        tuple(params["channels"]) != (0, 1, 2),
+    ]
+
+
 def test_each_augmentation_of_an_item_decides_independently():
     """The item's seed must not make its p = 0.5 choices alike: albumentations seeds every transform with
     the same number, which applied photometric distortion, expand and flip all together or not at all."""
     transform = build_transform(True, 64)
-    photometric, geometry = transform.compose.transforms[:2], transform.compose.transforms[2]
+    photometric, geometry = transform.compose.transforms
     image_shape, boxes = (120, 160, 3), np.array([[0.2, 0.2, 0.6, 0.7]])
     decisions = []
     for seed in range(400):
         transform.set_seed(seed)
-        row = [t.should_apply() for t in photometric]
+        row = photometric_decisions(photometric.get_params())[:4]  # the channel swap is p = 5/12
         params = geometry.get_params_dependent_on_data({"shape": image_shape}, {"bboxes": boxes})
         crop = params["crop"]
         row += [params["offset"] != (0, 0) or crop[2] > 160 or crop[3] > 120, params["flip"]]
@@ -211,9 +231,63 @@ def test_each_augmentation_of_an_item_decides_independently():
     for i, j in itertools.combinations(range(decisions.shape[1]), 2):
         assert 0.4 < (decisions[:, i] == decisions[:, j]).mean() < 0.6, (i, j)  # independent, not the same draw
     transform.set_seed(7)
-    first = [t.should_apply() for t in photometric]
+    first = photometric.get_params()
     transform.set_seed(7)
-    assert [t.should_apply() for t in photometric] == first  # and still reproducible from the seed
+    assert photometric.get_params() == first  # and still reproducible from the seed
+
+
+def distort(pixel, **params) -> list[int]:
+    """One RGB pixel through PhotometricDistort with the given parameters (the rest: no change)."""
+    full = {"brightness": 0.0, "contrast": 1.0, "contrast_first": True, "saturation": 1.0, "hue": 0.0}
+    image = np.full((4, 4, 3), pixel, dtype=np.uint8)
+    out = PhotometricDistort().apply(image, **{**full, "channels": (0, 1, 2), **params})
+    assert out.dtype == np.uint8 and out.shape == (4, 4, 3) and (out == out[0, 0]).all()
+    return out[0, 0].tolist()
+
+
+def hsv_reference(pixel, saturation: float = 1.0, hue_degrees: float = 0.0) -> np.ndarray:
+    """The same step in float with colorsys (no 8-bit HSV)."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in pixel))
+    return np.array(colorsys.hsv_to_rgb((h + hue_degrees / 360) % 1.0, min(s * saturation, 1.0), v)) * 255
+
+
+def test_photometric_steps_by_hand():
+    assert distort((100, 50, 0), brightness=20.0, contrast=1.5) == [180, 105, 30]  # (v + 20) x 1.5
+    # Clipped after each step: 100 + 200 -> 255, x 0.5 -> 127.5 -> 128 (the references' float gives 150).
+    assert distort((100, 100, 100), brightness=200.0, contrast=0.5) == [128, 128, 128]
+    assert distort((10, 20, 30), channels=(2, 0, 1)) == [30, 10, 20]
+    # Hue and saturation against colorsys: within 8-bit HSV's rounding (1.4 degrees of hue, 1/255 of S).
+    for pixel, sat, hue in [((255, 0, 0), 1.0, 18.0), ((200, 100, 100), 0.5, 0.0), ((40, 180, 90), 1.4, -18.0)]:
+        np.testing.assert_allclose(distort(pixel, saturation=sat, hue=hue), hsv_reference(pixel, sat, hue), atol=4)
+    # Contrast before or after the HSV steps, where clipping makes the order show: (200, 100, 100) x 1.5
+    # = (255, 150, 150), hue + 18 deg -> (255, 181.5, 150); hue first -> (200, 130, 100), x 1.5 -> (255, 195, 150).
+    np.testing.assert_allclose(distort((200, 100, 100), contrast=1.5, hue=18.0), [255, 181.5, 150], atol=4)
+    np.testing.assert_allclose(
+        distort((200, 100, 100), contrast=1.5, hue=18.0, contrast_first=False), [255, 195, 150], atol=4
+    )
+
+
+def test_photometric_draws_follow_ssd():
+    """Each step p = 0.5 on its own, contrast before or after HSV by a fair coin, every channel order alike
+    (identity included, so a visible swap is 5/12), values in SSD's ranges."""
+    distortion = PhotometricDistort()
+    distortion.set_random_seed(0)
+    draws = [distortion.get_params() for _ in range(4000)]
+    applied = np.array([photometric_decisions(d) for d in draws])
+    np.testing.assert_allclose(applied.mean(axis=0), [0.5, 0.5, 0.5, 0.5, 5 / 12], atol=0.03)
+    for i, j in itertools.combinations(range(4), 2):
+        assert abs((applied[:, i] & applied[:, j]).mean() - 0.25) < 0.03, (i, j)  # independent
+    assert abs(np.mean([d["contrast_first"] for d in draws]) - 0.5) < 0.03
+    orders = [tuple(d["channels"]) for d, a in zip(draws, applied[:, 4], strict=True) if a]
+    counts = np.array([orders.count(order) for order in CHANNEL_ORDERS[1:]]) / len(orders)
+    np.testing.assert_allclose(counts, 0.2, atol=0.03)  # the five visible orders alike
+    for key, low, high in [("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5), ("hue", -18, 18)]:
+        values = np.array([d[key] for d in draws])
+        assert low <= values.min() and values.max() <= high
+        used = values[(values != 0) & (values != 1)]
+        assert np.quantile(used, 0.05) < low + 0.1 * (high - low) and np.quantile(used, 0.95) > high - 0.1 * (
+            high - low
+        )
 
 
 def test_flip_maps_boxes_exactly():
