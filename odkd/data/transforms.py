@@ -134,7 +134,7 @@ class PhotometricDistort(ImageOnlyTransform):
         **params,
     ) -> np.ndarray:
         """``img`` ``(H, W, 3)`` uint8 RGB with the drawn parameters applied (degrees for ``hue``)."""
-        hsv_steps = saturation != 1.0 or hue
+        hsv_steps = saturation != 1.0 or hue != 0.0
         contrast_first = contrast_first or not hsv_steps  # with nothing between, one table does both
         before = np.clip(_LEVELS + brightness, 0, 255)
         if contrast_first:
