@@ -7,12 +7,12 @@ A model file holds what is needed to rebuild the model without a config: the arc
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from odkd.files import atomic_write
 from odkd.models import SSD, Preprocessing, build_model
 
 __all__ = ["atomic_save", "init_from_checkpoint", "load_model", "model_state_dict", "save_model"]
@@ -22,20 +22,9 @@ MODEL_FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a
-    truncated file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`odkd.files.atomic_write`: a crash never leaves a truncated file at
+    ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_model(model: SSD, path: str | os.PathLike) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
+from odkd.files import atomic_write
 
 __all__ = [
     "VOC_CLASSES",
@@ -202,12 +203,9 @@ def load_annotations(
             annotations.append(parse_annotation(p, class_names, ignored))
         except DatasetError as err:
             annotations.append(err)
+    records = [a.to_json() if isinstance(a, Annotation) else {"error": str(a)} for a in annotations]
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        records = [a.to_json() if isinstance(a, Annotation) else {"error": str(a)} for a in annotations]
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda f: f.write(json.dumps(records).encode()))
     except OSError as err:  # a read-only dataset folder still works, just without the cache
         warnings.warn(f"could not write the annotation cache {cache_file}: {err}", stacklevel=2)
     return items, annotations
