@@ -1,6 +1,7 @@
 """VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,9 +96,12 @@ def test_bad_annotations_name_the_file(tmp_path, xml, problem):
     with pytest.raises(DatasetError) as err:
         VOCDataset(tmp_path, "2007_trainval", CLASSES)
     assert "bad.xml" in str(err.value) and problem in str(err.value)
-    with pytest.warns(UserWarning, match="skipped 1 of 2 images"):
+    with pytest.warns(UserWarning) as warned:
         dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, skip_invalid=True)
     assert [a.image_id for a in dataset.annotations] == ["good"]
+    messages = [str(w.message) for w in warned]  # one per skipped file, naming it, then the count
+    assert len(messages) == 2 and "bad.xml" in messages[0] and problem in messages[0]
+    assert "skipped 1 of 2 images" in messages[1]
 
 
 def test_class_subsets_leave_other_objects_out(tmp_path):
@@ -130,9 +134,13 @@ def test_bad_images_name_the_file(tmp_path):
         dataset[1]
     with pytest.raises(DatasetError, match=r"a\.jpg"):
         VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True)
-    with pytest.warns(UserWarning, match="skipped 2 of 3"):
+    with pytest.warns(UserWarning) as warned:
         dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True, skip_invalid=True)
     assert len(dataset) == 1
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 3 and "skipped 2 of 3" in messages[2]
+    assert re.search(r"a\.jpg: not a readable image", messages[0])
+    assert re.search(r"b\.jpg: image file does not exist", messages[1])
 
 
 def test_missing_dataset_says_how_to_get_voc(tmp_path):

@@ -134,6 +134,6 @@ def test_nms_rows_by_hand_in_pytorch_and_onnxruntime(tmp_path):
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.25], [0.6, 0.5, 0.95, 0.3]])
     expected = [0, 1, 4 + 2, 4 + 3]
     assert sorted(RowNMS()(boxes, scores).tolist()) == expected
-    onnx_program(RowNMS(), {"boxes": boxes, "scores": scores}, ["kept"]).save(str(tmp_path / "rows.onnx"))
+    onnx_program(RowNMS().eval(), {"boxes": boxes, "scores": scores}, ["kept"]).save(str(tmp_path / "rows.onnx"))
     (kept,) = run_onnx(tmp_path / "rows.onnx", None, boxes=boxes, scores=scores)
     assert sorted(kept.tolist()) == expected
