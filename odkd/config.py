@@ -27,6 +27,7 @@ import yaml
 
 from odkd.data.coco import COCO_CLASSES
 from odkd.data.synthetic import SYNTHETIC_CLASSES
+from odkd.data.transforms import Augmentation
 from odkd.data.voc import VOC_CLASSES
 
 __all__ = ["DISTILL_METHODS", "Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
@@ -80,6 +81,7 @@ class DataConfig:
     # set's most crowded image, one shape for every batch (what CUDA graphs replay; more matching work);
     # "auto" = "dataset" exactly when train.compile_mode records CUDA graphs
     gt_padding: Literal["auto", "batch", "dataset"] = "auto"
+    augment: Augmentation = field(default_factory=Augmentation)  # the train augmentation, SSD's by default
 
 
 @dataclass
@@ -372,6 +374,7 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append("data.ignore_classes is for VOC data (COCO leaves out categories outside data.classes)")
     elif data.ignore_classes is not None and (both := sorted(set(data.ignore_classes) & set(cfg.class_names))):
         problems.append(f"data.ignore_classes: {both} are also in data.classes")
+    problems += [f"data.augment.{problem}" for problem in data.augment.problems()]
     if data.classes == "dataset" and data.format != "coco":
         problems.append("data.classes 'dataset' reads the categories of a COCO file: set data.format coco")
     if cfg.eval.metric == "coco" and data.format != "coco":

@@ -52,6 +52,14 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("model.dfl_bins=1", "model.dfl_bins: 0"),
         ("data.ignore_classes=[triangle, hexagon]", r"data.ignore_classes: \['triangle'\] are also in data.classes"),
         ("data.format=coco", "data.format coco needs data.coco.train_json"),
+        ("data.augment.flip_p=1.5", r"data.augment.flip_p is a probability, got 1.5"),
+        ("data.augment.contrast=[1.5, 0.5]", r"data.augment.contrast is \[low, high\] with 0 < low <= high"),
+        ("data.augment.crop_aspect=[0.5]", r"data.augment.crop_aspect is \[low, high\]"),
+        ("data.augment.hue=270", "data.augment.hue is 0-180 degrees"),
+        ("data.augment.expand_max_ratio=0.5", "data.augment.expand_max_ratio is at least 1"),
+        ("data.augment.min_crop_scale=0", r"data.augment.min_crop_scale is in \(0, 1\]"),
+        ("data.augment.min_ious=[0.5, 2]", r"data.augment.min_ious are IoUs in \[0, 1\]"),
+        ("data.augment.swap_p=0", r"unknown key data.augment.swap_p; valid keys of data.augment: \[.*'channel_swap_p'"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):

@@ -144,6 +144,15 @@ def test_skip_invalid_leaves_out_unreadable_images(tmp_path):
     train_set[0]  # the decoded-image cache holds the readable ones
 
 
+def test_data_augment_settings_reach_the_train_pipeline(tmp_path):
+    cfg = tiny_config(tmp_path, "data.augment.channel_swap_p=0", "data.augment.crop=false", "data.augment.hue=9")
+    train_set, test_set = build_datasets(cfg, build_detector(cfg), setup_distributed("cpu"))
+    distort, geometry = train_set.transform.compose.transforms
+    assert (distort.channel_swap_p, distort.hue, distort.p_each) == (0, 9, 0.5)
+    assert (geometry.crop, geometry.flip_p) == (False, 0.5)
+    assert test_set.transform is None  # evaluation resizes only
+
+
 def make_trainer(cfg):
     info = setup_distributed("cpu")
     torch.manual_seed(cfg.train.seed)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from odkd.data.transforms import (
     CHANNEL_ORDERS,
+    Augmentation,
     DetectionTransform,
     ExpandCropFlipResize,
     PhotometricDistort,
@@ -288,6 +289,34 @@ def test_photometric_draws_follow_ssd():
         assert np.quantile(used, 0.05) < low + 0.1 * (high - low) and np.quantile(used, 0.95) > high - 0.1 * (
             high - low
         )
+
+
+def test_augmentation_settings_reach_the_steps():
+    """``data.augment``: with every step off the train pipeline is the eval resize, pixel for pixel; each
+    probability and range reaches its step."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    boxes, labels = np.array([[10, 20, 60, 80], [70, 5, 119, 40]], dtype=np.float32), np.array([1, 2])
+    off = Augmentation(distort_p=0.0, channel_swap_p=0.0, expand_p=0.0, crop=False, flip_p=0.0)
+    resized, expected_boxes, _ = build_transform(False, 64)(image, boxes, labels)
+    train = build_transform(True, 64, augment=off)
+    for seed in range(5):
+        train.set_seed(seed)
+        tensor, out_boxes, out_labels = train(image, boxes, labels)
+        assert torch.equal(tensor, resized)
+        np.testing.assert_allclose(out_boxes, expected_boxes, atol=1e-6)
+        np.testing.assert_allclose(out_boxes, boxes / [120, 90, 120, 90], atol=1e-6)  # by hand
+        assert out_labels.tolist() == [1, 2]
+
+    settings_ = Augmentation(distort_p=1.0, brightness=8, contrast=[0.9, 1.1], hue=5, channel_swap_p=0.0, flip_p=1.0)
+    distort, geometry = build_transform(True, 64, augment=settings_).compose.transforms
+    distort.set_random_seed(0)
+    for params in (distort.get_params() for _ in range(200)):
+        assert photometric_decisions(params)[:4] == [True] * 4 and tuple(params["channels"]) == (0, 1, 2)
+        assert abs(params["brightness"]) <= 8 and 0.9 <= params["contrast"] <= 1.1 and abs(params["hue"]) <= 5
+    assert geometry.flip_p == 1.0 and geometry.crop and geometry.min_ious == (0.1, 0.3, 0.5, 0.7, 0.9)
+    with pytest.raises(ValueError, match=r"flip_p is a probability, got -1"):
+        build_transform(True, 64, augment=Augmentation(flip_p=-1))
 
 
 def test_flip_maps_boxes_exactly():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import albumentations as A
 import cv2
@@ -23,7 +24,14 @@ from albumentations.core.transforms_interface import DualTransform, ImageOnlyTra
 
 from odkd.models.ssd import Preprocessing
 
-__all__ = ["DetectionTransform", "ExpandCropFlipResize", "PhotometricDistort", "build_transform", "sample_min_iou_crop"]
+__all__ = [
+    "Augmentation",
+    "DetectionTransform",
+    "ExpandCropFlipResize",
+    "PhotometricDistort",
+    "build_transform",
+    "sample_min_iou_crop",
+]
 
 # SSD's sampling modes: keep the whole image, a crop whose IoU with every object is at least one of
 # these, or any crop ("any", no IoU constraint).
@@ -92,7 +100,8 @@ class PhotometricDistort(ImageOnlyTransform):
     """SSD's photometric distortion (ssd.pytorch's and lufficc/SSD's) on uint8 RGB. Each step is drawn on
     its own with probability ``p_each``: brightness ``+ U(-brightness, brightness)``; contrast ``x
     U(contrast)``, before or after (a fair coin) the HSV steps, saturation ``x U(saturation)`` and hue
-    ``+ U(-hue, hue)`` degrees; then the channels in one of their six orders (identity included).
+    ``+ U(-hue, hue)`` degrees; then, with probability ``channel_swap_p``, the channels in one of their
+    six orders (identity included).
 
     The references work in float and never clip; here each step clips to 0-255 (as torchvision's
     ``RandomPhotometricDistort`` does) so the image stays uint8. Brightness and contrast are one lookup
@@ -106,10 +115,11 @@ class PhotometricDistort(ImageOnlyTransform):
         saturation: tuple[float, float] = (0.5, 1.5),
         hue: float = 18.0,
         p_each: float = 0.5,
+        channel_swap_p: float = 0.5,
     ) -> None:
         super().__init__(p=1.0)
         self.brightness, self.contrast, self.saturation = brightness, tuple(contrast), tuple(saturation)
-        self.hue, self.p_each = hue, p_each
+        self.hue, self.p_each, self.channel_swap_p = hue, p_each, channel_swap_p
 
     def get_params(self) -> dict:
         rng, p = self.py_random, self.p_each
@@ -119,7 +129,7 @@ class PhotometricDistort(ImageOnlyTransform):
             "contrast_first": rng.random() < 0.5,
             "saturation": rng.uniform(*self.saturation) if rng.random() < p else 1.0,
             "hue": rng.uniform(-self.hue, self.hue) if rng.random() < p else 0.0,
-            "channels": rng.choice(CHANNEL_ORDERS) if rng.random() < p else CHANNEL_ORDERS[0],
+            "channels": rng.choice(CHANNEL_ORDERS) if rng.random() < self.channel_swap_p else CHANNEL_ORDERS[0],
         }
 
     def apply(
@@ -155,14 +165,14 @@ class PhotometricDistort(ImageOnlyTransform):
         return img
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("brightness", "contrast", "saturation", "hue", "p_each")
+        return ("brightness", "contrast", "saturation", "hue", "p_each", "channel_swap_p")
 
 
 class ExpandCropFlipResize(DualTransform):
     """SSD's geometric augmentation in one step: expand (zoom out onto a ``fill`` canvas ``U(1, max_ratio)``
     times larger per side, with probability ``expand_p``), the min-IoU random crop of
-    :func:`sample_min_iou_crop` (keeping the boxes whose centre lies inside it, clipped to it), horizontal
-    flip (probability ``flip_p``) and resize to ``size x size`` (bilinear).
+    :func:`sample_min_iou_crop` (keeping the boxes whose centre lies inside it, clipped to it; none when
+    ``crop`` is false), horizontal flip (probability ``flip_p``) and resize to ``size x size`` (bilinear).
 
     The output is, up to rounding, what the four steps give one after another, but only the crop of the
     canvas is ever built (the canvas itself can be 16x the image), the flip runs on the small output
@@ -180,12 +190,13 @@ class ExpandCropFlipResize(DualTransform):
         min_scale: float = 0.3,
         aspect_range: tuple[float, float] = (0.5, 2.0),
         max_trials: int = 50,
+        crop: bool = True,
     ) -> None:
         super().__init__(p=1.0)
         self.size, self.fill, self.max_ratio = size, tuple(fill), max_ratio
         self.expand_p, self.flip_p = expand_p, flip_p
         self.min_ious, self.min_scale = tuple(min_ious), min_scale
-        self.aspect_range, self.max_trials = tuple(aspect_range), max_trials
+        self.aspect_range, self.max_trials, self.crop = tuple(aspect_range), max_trials, crop
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         """``offset``: where the image lies on the canvas; ``crop``: ``(x1, y1, x2, y2)`` canvas pixels."""
@@ -197,9 +208,12 @@ class ExpandCropFlipResize(DualTransform):
             left, top = self.py_random.randint(0, canvas_w - width), self.py_random.randint(0, canvas_h - height)
         raw = np.asarray(data.get("bboxes", ()), dtype=np.float64)
         boxes = raw[:, :4] * [width, height, width, height] + [left, top, left, top] if raw.size else np.zeros((0, 4))
-        crop, _ = sample_min_iou_crop(
-            boxes, canvas_w, canvas_h, self.py_random, self.min_ious, self.min_scale, self.aspect_range, self.max_trials
-        )
+        crop = (0, 0, canvas_w, canvas_h)
+        if self.crop:
+            crop, _ = sample_min_iou_crop(
+                boxes, canvas_w, canvas_h, self.py_random,
+                self.min_ious, self.min_scale, self.aspect_range, self.max_trials,
+            )  # fmt: skip
         return {"offset": (left, top), "crop": crop, "flip": self.py_random.random() < self.flip_p}
 
     def apply(
@@ -249,6 +263,7 @@ class ExpandCropFlipResize(DualTransform):
             "min_scale",
             "aspect_range",
             "max_trials",
+            "crop",
         )
 
 
@@ -290,20 +305,72 @@ class DetectionTransform:
         return image, np.clip(boxes, 0.0, 1.0), np.asarray(out["labels"], dtype=np.int64)
 
 
+@dataclass
+class Augmentation:
+    """SSD's train augmentation settings, the config's ``data.augment`` section. The defaults are
+    ssd.pytorch's (and lufficc/SSD's); a probability of 0 turns its step off."""
+
+    distort_p: float = 0.5  # each photometric step on its own: brightness, contrast, saturation, hue
+    brightness: float = 32.0  # + U(-brightness, brightness) grey levels
+    contrast: list[float] = field(default_factory=lambda: [0.5, 1.5])  # x U(low, high)
+    saturation: list[float] = field(default_factory=lambda: [0.5, 1.5])  # x U(low, high)
+    hue: float = 18.0  # + U(-hue, hue) degrees
+    channel_swap_p: float = 0.5  # the channels in one of their six orders (colour-coded classes: set 0)
+    expand_p: float = 0.5  # zoom out onto a mean-filled canvas U(1, expand_max_ratio) times larger per side
+    expand_max_ratio: float = 4.0
+    crop: bool = True  # SSD's min-IoU random crop
+    min_ious: list[float] = field(default_factory=lambda: list(MIN_IOUS))  # crop modes besides "whole" and "any"
+    min_crop_scale: float = 0.3  # crop sides from this fraction of the canvas's to all of it
+    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])  # crop height / width range
+    flip_p: float = 0.5
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming its key (empty if nothing)."""
+        found = []
+        for key in ("distort_p", "channel_swap_p", "expand_p", "flip_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                found.append(f"{key} is a probability, got {getattr(self, key)}")
+        for key in ("contrast", "saturation", "crop_aspect"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 0.0 < low_high[0] <= low_high[1]:
+                found.append(f"{key} is [low, high] with 0 < low <= high, got {low_high}")
+        if not 0.0 <= self.brightness <= 255.0:
+            found.append(f"brightness is 0-255 grey levels, got {self.brightness}")
+        if not 0.0 <= self.hue <= 180.0:
+            found.append(f"hue is 0-180 degrees, got {self.hue}")
+        if self.expand_max_ratio < 1.0:
+            found.append(f"expand_max_ratio is at least 1, got {self.expand_max_ratio}")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            found.append(f"min_crop_scale is in (0, 1], got {self.min_crop_scale}")
+        if not all(0.0 <= iou <= 1.0 for iou in self.min_ious):
+            found.append(f"min_ious are IoUs in [0, 1], got {self.min_ious}")
+        return found
+
+
 def build_transform(
     train: bool,
     size: int,
     mean: Sequence[float] = (123.675, 116.28, 103.53),
     preprocessing: Preprocessing | None = None,
+    augment: Augmentation | None = None,
 ) -> DetectionTransform:
     """The SSD train (``train=True``) or eval pipeline to ``size x size``.
 
     ``mean``: RGB fill of the expand canvas (use the model's preprocessing mean). ``preprocessing``:
-    normalise here (float32 output) instead of on the device (uint8 output).
+    normalise here (float32 output) instead of on the device (uint8 output). ``augment``: the train
+    augmentation's settings (default: SSD's).
     """
     transforms: list[A.BasicTransform] = []
     if train:
-        transforms += [PhotometricDistort(), ExpandCropFlipResize(size, fill=mean)]
+        a = augment or Augmentation()
+        if problems := a.problems():
+            raise ValueError(f"augmentation settings: {'; '.join(problems)}")
+        distort = PhotometricDistort(a.brightness, a.contrast, a.saturation, a.hue, a.distort_p, a.channel_swap_p)
+        geometry = ExpandCropFlipResize(
+            size, mean, a.expand_max_ratio, a.expand_p, a.flip_p,
+            a.min_ious, a.min_crop_scale, a.crop_aspect, crop=a.crop,
+        )  # fmt: skip
+        transforms += [distort, geometry]
     else:
         transforms.append(A.Resize(size, size))
     return DetectionTransform(transforms, size, preprocessing)

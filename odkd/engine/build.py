@@ -60,7 +60,7 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
                 make_synthetic_voc(data.voc_root, data.synthetic_sizes)
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
-    transform = build_transform(True, model.image_size, mean=mean)
+    transform = build_transform(True, model.image_size, mean=mean, augment=data.augment)
     # Skipping bad images needs them found first: each is read once here (~1 ms per VOC photo).
     common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
     if data.format == "coco":
