@@ -586,6 +586,28 @@ def _arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _earlier_run(cfg) -> tuple[float | None, str | None]:
+    """What an earlier run of exactly this config left in ``train.output_dir``: (its mAP at
+    ``optim.max_iters`` if it finished, else None; ``"auto"`` to resume it from its last checkpoint, else None).
+    A folder that holds another config, or nothing, gives (None, None): train from scratch."""
+    import yaml
+
+    from odkd.config import config_to_dict
+
+    out = Path(cfg.train.output_dir)
+    saved = out / "config.yaml"
+    same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    if not same:
+        return None, None
+    metrics = out / "metrics.jsonl"
+    if (out / "model_final.pt").is_file() and metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        final = [r["mAP"] for r in records if r["iter"] == cfg.optim.max_iters and "mAP" in r]
+        if final:
+            return final[-1], None
+    return None, "auto"
+
+
 def bench_kd(args: argparse.Namespace) -> None:
     from odkd.config import load_config
     from odkd.engine.build import run_training
@@ -610,11 +632,16 @@ def bench_kd(args: argparse.Namespace) -> None:
                 *args.overrides,
             ]
             cfg = load_config(config, overrides)
-            distil = not arm.startswith("alone")
-            make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if distil else None
-            result, _ = run_training(cfg, device="cpu" if args.cpu else None, make_task=make_task, progress=False)
-            results[arm].append(100 * result.last_map)
-            print(f"seed {seed} {arm:<14} mAP {100 * result.last_map:.2f}", flush=True)
+            finished, resume = (None, None) if args.fresh else _earlier_run(cfg)
+            how = "the earlier run's"
+            if finished is None:
+                distil = not arm.startswith("alone")
+                make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if distil else None
+                device = "cpu" if args.cpu else None
+                result, _ = run_training(cfg, resume, device=device, make_task=make_task, progress=False)
+                finished, how = result.last_map, "resumed" if resume else "trained"
+            results[arm].append(100 * finished)
+            print(f"seed {seed} {arm:<14} mAP {100 * finished:.2f}  ({how})", flush=True)
     print(
         f"student {cfg.model.name} x{cfg.model.width_mult}, {cfg.optim.max_iters} iterations, teachers {args.teacher} "
         f"(plain), {args.dfl_teacher} (DFL head); {(time.perf_counter() - start) / 60:.1f} min"
@@ -707,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     kd.add_argument("--output-dir", default="runs/benchmark_kd")
     kd.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
+    kd.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every arm anew; by default an arm whose folder holds a finished run of the same config is "
+        "reused and an unfinished one resumed (retrain after changing a teacher file in place)",
+    )
     kd.add_argument("overrides", nargs="*", help="more config overrides for both runs, section.key=value")
     kd.set_defaults(run=bench_kd)
     return parser

@@ -1,6 +1,7 @@
 """The training loop on CPU: schedules, a short run, exact resume, NaN handling, signals, DDP."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -237,6 +238,39 @@ def test_resume_continues_exactly(tmp_path):
     state["optimizer"]["param_groups"][0].update(fused=True, foreach=False)
     resumed.load_state_dict(state)
     assert resumed.optimizer.param_groups[0]["fused"] is False and resumed.optimizer.param_groups[0]["foreach"]
+
+
+def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, caplog):
+    """Iteration 2's checkpoint is written before its evaluation: a run killed while evaluating resumes
+    with that evaluation, and its log, best model and last mAP are those of the uninterrupted run."""
+    caplog.set_level(logging.INFO, logger="odkd")
+    cfg = tiny_config(tmp_path, "train.eval_every=2")
+    run = tmp_path / "run"
+
+    def log_without_timing() -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+    straight = make_trainer(cfg)
+    straight.fit()
+    records = log_without_timing()
+    assert [(r["iter"], "mAP" in r) for r in records][2:] == [(2, True), (3, False), (4, False), (4, True)]
+    # The killed run's folder: the records up to iteration 2 without its mAP, no best model yet.
+    (run / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (run / "metrics.jsonl").read_text().splitlines()[:2])
+    )
+    (run / "best.pt").unlink()
+    resumed = make_trainer(cfg)
+    resumed.fit(resume=run / "checkpoint_0000002.pt")
+    assert "iteration 2 was not evaluated before the run stopped: evaluating it now" in caplog.text
+    assert log_without_timing() == records
+    assert resumed.best_map == straight.best_map and resumed.last_map == straight.last_map
+    assert (run / "best.pt").is_file()
+    # A run stopped after its evaluation resumes without evaluating again.
+    caplog.clear()
+    make_trainer(cfg).fit(resume=run / "checkpoint_0000002.pt")
+    assert "evaluating it now" not in caplog.text
+    assert log_without_timing() == records
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):

@@ -226,11 +226,14 @@ class Trainer:
         cfg = self.cfg
         if resume is not None:
             self.resume(resume)
+        records: list[dict] = []
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-            self._trim_metrics()
+            records = self._trim_metrics()
             self._writer = _tensorboard(self.out)
+        if resume is not None:
+            self._evaluate_if_lost(records)
         loader = build_loader(
             self.train_set,
             cfg.data.batch_size,
@@ -365,16 +368,32 @@ class Trainer:
         self._stop_signal = signum
         log.warning("signal %d: saving a checkpoint after this iteration (again to stop at once)", signum)
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self) -> list[dict]:
         """``metrics.jsonl`` holds this run's records only: a fresh run in a used folder starts it anew, a
-        resumed run keeps the records up to its checkpoint's iteration (it writes the later ones again)."""
+        resumed run keeps the records up to its checkpoint's iteration (it writes the later ones again).
+        Returns the records kept."""
         path = self.out / "metrics.jsonl"
         if not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= self.iteration]
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        kept = [record for record in records if record["iter"] <= self.iteration]
         partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(line + "\n" for line in kept))
+        partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
         partial.replace(path)
+        return kept
+
+    def _evaluate_if_lost(self, records: list[dict]) -> None:
+        """The checkpoint of an evaluation iteration is written before the evaluation: a run stopped in
+        between (a signal, a crash while evaluating) evaluates that iteration first when it resumes, as the
+        uninterrupted run did. ``records``: the kept ``metrics.jsonl`` records (main process)."""
+        it = self.iteration
+        if it == 0 or (it % self.cfg.train.eval_every and it != self.cfg.optim.max_iters):
+            return  # the same decision in every process: they meet at the barrier
+        lost = self.test_set is not None and not any(r["iter"] == it and "mAP" in r for r in records)
+        if self.info.is_main and lost:
+            log.info("iteration %d was not evaluated before the run stopped: evaluating it now", it)
+            self.evaluate()
+        barrier(self.info)
 
     def _log(self, record: dict) -> None:
         if not self.info.is_main:
