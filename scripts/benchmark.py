@@ -649,7 +649,7 @@ def bench_kd(args: argparse.Namespace) -> None:
     print(f"{'arm':<14} {'mAP mean +- std':>16}  {'vs alone':>8}  seeds")
     for arm, maps in results.items():
         spread = statistics.stdev(maps) if len(maps) > 1 else 0.0
-        baseline = results.get("alone_dfl" if _uses_dfl(arm) else "alone")
+        baseline = None if arm.startswith("alone") else results.get("alone_dfl" if _uses_dfl(arm) else "alone")
         delta = f"{statistics.mean(maps) - statistics.mean(baseline):+8.2f}" if baseline else f"{'':>8}"
         values = ", ".join(f"{m:.2f}" for m in maps)
         print(f"{arm:<14} {statistics.mean(maps):>7.2f} +- {spread:<5.2f}  {delta}  ({values})")
