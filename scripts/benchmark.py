@@ -588,24 +588,21 @@ def _arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
 
 def _earlier_run(cfg) -> tuple[float | None, str | None]:
     """What an earlier run of exactly this config left in ``train.output_dir``: (its mAP at
-    ``optim.max_iters`` if it finished, else None; ``"auto"`` to resume it from its last checkpoint, else None).
+    ``optim.max_iters`` if it got there, else None; ``"auto"`` to resume it from its last checkpoint, else None).
     A folder that holds another config, or nothing, gives (None, None): train from scratch."""
-    import yaml
-
-    from odkd.config import config_to_dict
+    from odkd.config import ConfigError, load_config
 
     out = Path(cfg.train.output_dir)
-    saved = out / "config.yaml"
-    same = saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    try:
+        same = (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
+    except ConfigError:  # written by another odkd version: not this config
+        same = False
     if not same:
         return None, None
     metrics = out / "metrics.jsonl"
-    if (out / "model_final.pt").is_file() and metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        final = [r["mAP"] for r in records if r["iter"] == cfg.optim.max_iters and "mAP" in r]
-        if final:
-            return final[-1], None
-    return None, "auto"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
+    final = [r["mAP"] for r in records if r["iter"] == cfg.optim.max_iters and "mAP" in r]
+    return (final[-1], None) if final else (None, "auto")
 
 
 def bench_kd(args: argparse.Namespace) -> None:

@@ -270,6 +270,8 @@ def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, caplog):
     caplog.clear()
     make_trainer(cfg).fit(resume=run / "checkpoint_0000002.pt")
     assert "evaluating it now" not in caplog.text
+    # Resumed at the end, nothing is left to run: the result still carries the run's last mAP.
+    assert make_trainer(cfg).fit(resume=run / "checkpoint_0000004.pt").last_map == straight.last_map
     assert log_without_timing() == records
 
 

@@ -233,6 +233,7 @@ class Trainer:
             records = self._trim_metrics()
             self._writer = _tensorboard(self.out)
         if resume is not None:
+            self.last_map = next((r["mAP"] for r in reversed(records) if "mAP" in r), None)
             self._evaluate_if_lost(records)
         loader = build_loader(
             self.train_set,
