@@ -29,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from odkd.data.voc import VOC_CLASSES, Annotation
+from odkd.engine import read_metrics
 from odkd.eval import (
     METRICS,
     evaluate,
@@ -443,8 +444,7 @@ def bench_train(args: argparse.Namespace) -> None:
         with GpuBusySampler(trainer.device) as busy:
             trainer.fit()
         wall = time.perf_counter() - start
-        metrics = Path(folder) / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        records = read_metrics(folder)
     if not trainer.info.is_main:
         return
     steady = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first window is warm-up
@@ -557,7 +557,7 @@ def bench_demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result, _ = run_training(cfg, device="cpu" if args.cpu else None, progress=False)
     minutes = (time.perf_counter() - start) / 60
-    maps = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    maps = read_metrics(args.output_dir)
     curve = ", ".join(f"{r['iter']}: {100 * r['mAP']:.1f}" for r in maps if "mAP" in r)
     print(
         f"demo ({cfg.model.name} x{cfg.model.width_mult}, batch {cfg.data.batch_size}, {args.iters} iterations, "
@@ -599,9 +599,7 @@ def _earlier_run(cfg) -> tuple[float | None, str | None]:
         same = False
     if not same:
         return None, None
-    metrics = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
-    final = [r["mAP"] for r in records if r["iter"] == cfg.optim.max_iters and "mAP" in r]
+    final = [r["mAP"] for r in read_metrics(out) if r["iter"] == cfg.optim.max_iters and "mAP" in r]
     return (final[-1], None) if final else (None, "auto")
 
 

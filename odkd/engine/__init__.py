@@ -3,7 +3,7 @@
 from odkd.engine.distributed import DistInfo, setup_distributed
 from odkd.engine.schedule import lr_factor
 from odkd.engine.task import DetectionTask
-from odkd.engine.trainer import Trainer, TrainingError, TrainResult, latest_checkpoint
+from odkd.engine.trainer import Trainer, TrainingError, TrainResult, latest_checkpoint, read_metrics
 
 __all__ = [
     "DetectionTask",
@@ -13,5 +13,6 @@ __all__ = [
     "TrainingError",
     "latest_checkpoint",
     "lr_factor",
+    "read_metrics",
     "setup_distributed",
 ]

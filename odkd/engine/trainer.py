@@ -67,6 +67,13 @@ class TrainResult:
     interrupted: bool  # stopped by SIGINT/SIGTERM
 
 
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` in ``output_dir`` (training windows and evaluations, one dict per
+    line, keyed by ``"iter"``); an empty list if there is none."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The training checkpoint of the highest iteration in ``output_dir`` (None if there is none)."""
     found = sorted(Path(output_dir).glob("checkpoint_*.pt"))
@@ -376,8 +383,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
-        kept = [record for record in records if record["iter"] <= self.iteration]
+        kept = [record for record in read_metrics(self.out) if record["iter"] <= self.iteration]
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
         partial.replace(path)
