@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["DEFAULT_VARIANCES", "cxcywh_to_xyxy", "decode", "encode", "paired_giou", "xyxy_to_cxcywh"]
+__all__ = ["DEFAULT_VARIANCES", "cxcywh_to_xyxy", "decode", "encode", "paired_giou", "paired_iou", "xyxy_to_cxcywh"]
 
 DEFAULT_VARIANCES = (0.1, 0.2)
 
@@ -55,13 +55,10 @@ def decode(loc: torch.Tensor, priors: torch.Tensor, variances: tuple[float, floa
     return cxcywh_to_xyxy(torch.cat((centre, size), dim=-1))
 
 
-def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Generalised IoU of each box with its partner: ``(..., 4)`` xyxy twice -> ``(...)`` in [-1, 1].
-
-    ``GIoU = IoU - (hull - union) / hull`` with ``hull`` the area of the smallest box enclosing both.
+def _paired_areas(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersection, union and hull (smallest enclosing box) areas of each box with its partner, ``(...)``.
     Element-wise arithmetic only: no masked indexing and no ``prod`` (whose backward checks for zeros on
-    the host), so on a GPU neither pass waits for the device.
-    """
+    the host), so on a GPU neither pass waits for the device."""
 
     def area(size: torch.Tensor) -> torch.Tensor:
         return size[..., 0] * size[..., 1]
@@ -70,4 +67,19 @@ def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -
     inter = area((torch.min(high1, high2) - torch.max(low1, low2)).clamp(min=0))
     union = area(high1 - low1) + area(high2 - low2) - inter
     hull = area(torch.max(high1, high2) - torch.min(low1, low2))
+    return inter, union, hull
+
+
+def paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """IoU of each box with its partner: ``(..., 4)`` xyxy twice -> ``(...)`` in [0, 1]."""
+    inter, union, _ = _paired_areas(boxes1, boxes2)
+    return inter / (union + eps)
+
+
+def paired_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Generalised IoU of each box with its partner: ``(..., 4)`` xyxy twice -> ``(...)`` in [-1, 1].
+
+    ``GIoU = IoU - (hull - union) / hull`` with ``hull`` the area of the smallest box enclosing both.
+    """
+    inter, union, hull = _paired_areas(boxes1, boxes2)
     return inter / (union + eps) - (hull - union) / (hull + eps)

@@ -159,12 +159,15 @@ class HintonConfig:
 
 @dataclass
 class LDConfig:
-    """Localization distillation (distribution box heads); see odkd.distill.LocalizationDistillation."""
+    """Localization distillation (distribution box heads); see odkd.distill.LocalizationDistillation.
+    The defaults are the official LD head's settings, at its scale."""
 
     temperature: float = 10.0
-    weight: float = 0.25  # main region (positives)
-    vlr_weight: float = 0.25  # valuable localization region
-    vlr_threshold: float = 0.25  # DIoU with a GT box from which a background prior is in the VLR
+    weight: float = 0.25  # main region (positives), weighted by the IoU of the student's box with its GT
+    vlr_weight: float = 0.25  # valuable localization region, weighted by the prior's IoU with its GT
+    vlr_factor: float = 0.25  # VLR: factor * loss.iou_threshold <= DIoU < loss.iou_threshold, not positive
+    kd_weight: float = 10.0  # KD of the positives' class scores
+    kd_temperature: float = 2.0
 
 
 @dataclass
@@ -185,7 +188,10 @@ class CrossKDConfig:
 
     temperature: float = 1.0
     cls_weight: float = 1.0
-    reg_weight: float = 1.0  # GIoU (plain heads) or distribution KL (DFL heads)
+    reg_weight: float = 1.0  # GIoU (plain heads) or distribution KL (DFL heads), every prior weighted
+    # how a student intermediate enters the teacher's head: "standardize" (official: to the teacher's
+    # per-channel statistics, a 1x1 conv first where the widths differ) or "adapter" (a learned 1x1 conv)
+    align: Literal["standardize", "adapter"] = "standardize"
 
 
 @dataclass
@@ -197,6 +203,10 @@ class DistillConfig:
     teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
     prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
     methods: list[str] = field(default_factory=lambda: ["chen2017"])  # e.g. [chen2017, fgd]
+    # At the first step, scale each method's terms so that their gradient norm (w.r.t. the student's
+    # weights) is balance_fraction x the detection loss's; the scales are logged and checkpointed.
+    auto_balance: bool = False
+    balance_fraction: float = 1.0
     chen2017: Chen2017Config = field(default_factory=Chen2017Config)
     hinton: HintonConfig = field(default_factory=HintonConfig)
     ld: LDConfig = field(default_factory=LDConfig)
@@ -391,6 +401,8 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append(
             f"distill.methods: a non-empty list of distinct names of {list(DISTILL_METHODS)}, got {methods}"
         )
+    if cfg.distill.balance_fraction <= 0:
+        problems.append(f"distill.balance_fraction must be positive, got {cfg.distill.balance_fraction}")
     if cfg.model.dfl_bins < 0 or cfg.model.dfl_bins == 1:
         problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")
     if problems:

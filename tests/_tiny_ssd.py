@@ -20,10 +20,13 @@ class ImageAsSource(nn.Module):
         return [x]
 
 
-def tiny_ssd(size: int, num_classes: int, channels: int = 3, min_size: float = 2.0, max_size: float = 4.0) -> SSD:
+def tiny_ssd(
+    size: int, num_classes: int, channels: int = 3, min_size: float = 2.0, max_size: float = 4.0, dfl_bins: int = 0
+) -> SSD:
     """One ``size x size`` level with two priors per cell (squares of ``min_size`` and
-    ``sqrt(min_size * max_size)`` pixels on a ``size``-pixel image) and 1x1 plain heads."""
+    ``sqrt(min_size * max_size)`` pixels on a ``size``-pixel image) and 1x1 plain heads (a distribution box
+    head with ``dfl_bins`` intervals per edge when > 0)."""
     layout = PriorLayout(size, (size,), (1,), (min_size,), (max_size,), ((),))
     conf = nn.ModuleList([plain_head(channels, 2 * num_classes, 1)])
-    loc = nn.ModuleList([plain_head(channels, 2 * 4, 1)])
-    return SSD(ImageAsSource(channels), conf, loc, num_classes=num_classes, layout=layout, preprocessing=IMAGENET)
+    loc = nn.ModuleList([plain_head(channels, 2 * 4 * (dfl_bins + 1), 1)])
+    return SSD(ImageAsSource(channels), conf, loc, num_classes, layout, preprocessing=IMAGENET, dfl_bins=dfl_bins)

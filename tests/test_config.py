@@ -121,5 +121,7 @@ def test_every_distillation_method_has_a_config_section():
         "teacher_source",
         "prior_mapping",
         "methods",
+        "auto_balance",
+        "balance_fraction",
     }
     assert set(DISTILL_METHODS) == set(DISTILLERS) == sections

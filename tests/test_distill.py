@@ -12,7 +12,7 @@ from odkd.engine import DetectionTask
 from odkd.engine.distill_task import build_distillation_task
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import begin_compiled_step
+from odkd.engine.trainer import begin_compiled_step, read_metrics
 from odkd.matching import map_priors
 from odkd.models import build_model
 from odkd.priors import build_priors
@@ -94,6 +94,67 @@ def test_task_counts_iterations_for_schedules_and_saves_them():
     assert restored.iteration == 2
     detection = DetectionTask(restored.model).train()(images, boxes, labels)
     torch.testing.assert_close(restored.train()(images, boxes, labels)["conf"], detection["conf"] * 0.65)
+
+
+def independent_gradient_norm(task, batch, select) -> float:
+    """||d select(losses) / d student weights|| from a plain backward pass on a fresh forward, in float64 sums
+    (the task's state is put back afterwards)."""
+    state = {k: v.clone() for k, v in task.state_dict().items() if torch.is_tensor(v)}
+    task.zero_grad(set_to_none=True)
+    select(task(*batch)).backward()
+    squares = sum(p.grad.double().pow(2).sum() for p in task.model.parameters() if p.grad is not None)
+    task.zero_grad(set_to_none=True)
+    task.load_state_dict(state, strict=False)
+    task.iterations.zero_()
+    return float(squares) ** 0.5
+
+
+def test_step_zero_calibration_measures_every_terms_gradient_and_changes_nothing():
+    student, teacher = models()
+    cfg = tiny_cfg("distill.methods=[chen2017, hinton]", "distill.chen2017.gamma=1e4")
+    task = build_distillation_task(cfg, student, teacher).train()
+    batch = tiny_batch()
+    before = {k: v.clone() for k, v in task.state_dict().items() if torch.is_tensor(v)}
+    calibration = task.calibrate(*batch)
+    after = task.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics, weights: as they were
+    assert task.iteration == 0 and task.term_scales.tolist() == [1.0, 1.0]
+    assert list(calibration.terms) == ["chen2017/soft_cls", "chen2017/bound", "chen2017/hint", "hinton/kd"]
+    # float32 norms of up to 2^21 gradient elements (pairwise sums): relative error below 21 * 2^-24 ~ 1.3e-6
+    tolerance = 1e-5
+    detection = independent_gradient_norm(task, batch, lambda losses: losses["loc"] + losses["conf"])
+    assert calibration.detection[1] == pytest.approx(detection, rel=tolerance)
+    for term, (value, norm) in calibration.terms.items():
+        assert norm == pytest.approx(
+            independent_gradient_norm(task, batch, lambda losses, t=term: losses[t]), rel=tolerance
+        )
+        assert value == pytest.approx(task(*batch)[term].item(), rel=1e-6)
+        task.iterations.zero_()
+    # gamma 1e4 makes the hint's gradient far larger than the detection loss's: a warning naming its weight
+    warnings = calibration.warnings()
+    assert len(warnings) == 1 and "chen2017/hint" in warnings[0] and "distill.chen2017.gamma" in warnings[0]
+    assert calibration.ratio("chen2017/hint") > 10
+    assert "detection loss" in calibration.table() and "chen2017/hint" in calibration.table()
+
+
+def test_auto_balance_brings_each_method_to_the_configured_fraction():
+    student, teacher = models()
+    cfg = tiny_cfg("distill.methods=[chen2017, fgd]", "distill.auto_balance=true", "distill.balance_fraction=0.5")
+    task = build_distillation_task(cfg, student, teacher).train()
+    batch = tiny_batch()
+    calibration = task.calibrate(*batch)
+    scales = task.term_scales.tolist()
+    assert calibration.scales == {"chen2017": scales[0], "fgd": scales[1]} and scales != [1.0, 1.0]
+    detection = independent_gradient_norm(task, batch, lambda losses: losses["loc"] + losses["conf"])
+    for method in ("chen2017", "fgd"):
+        norm = independent_gradient_norm(
+            task, batch, lambda losses, m=method: sum(v for k, v in losses.items() if k.startswith(m + "/"))
+        )
+        assert norm == pytest.approx(0.5 * detection, rel=1e-5)
+    assert calibration.warnings() == []
+    restored = build_distillation_task(cfg, *models())  # the scales travel with the task's state
+    restored.load_state_dict(task.state_dict())
+    assert restored.term_scales.tolist() == scales
 
 
 def test_other_layouts_need_prior_mapping():
@@ -197,6 +258,7 @@ def test_distillation_resumes_exactly(tmp_path):
             "data.test_sets=''", "optim.max_iters=4", "optim.warmup_iters=1", f"train.output_dir={tmp_path / 'run'}",
             "train.checkpoint_every=2", "train.keep_last=5", f"distill.teacher={tmp_path / 'teacher.pt'}",
             "distill.methods=[chen2017, fgd]", "distill.chen2017.mu_end=0.5", "distill.chen2017.mu_ramp_iters=4",
+            "distill.auto_balance=true",
         ],
     )  # fmt: skip
 
@@ -208,6 +270,11 @@ def test_distillation_resumes_exactly(tmp_path):
     resumed = trainer()
     resumed.fit(resume=tmp_path / "run" / "checkpoint_0000002.pt")
     assert resumed.iteration == 4 and resumed.task.iteration == straight.task.iteration == 4
+    # step-0 calibration ran once, in the fresh run; the resumed run took its scales from the checkpoint
+    calibrations = [r for r in read_metrics(tmp_path / "run") if "calibration" in r]
+    assert len(calibrations) == 1 and calibrations[0]["iter"] == 0
+    assert list(calibrations[0]["calibration"]["scales"].values()) == straight.task.term_scales.tolist()
+    assert resumed.task.term_scales.tolist() == straight.task.term_scales.tolist() != [1.0, 1.0]
     a, b = straight.task.state_dict(), resumed.task.state_dict()
     assert any(k.startswith("distillers.fgd.student_context") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k])), [

@@ -1,10 +1,11 @@
 """The distiller interface: what a distillation method reads and the named loss terms it returns.
 
 A :class:`Distiller` is an ``nn.Module`` (its adaptation layers train with the student) that declares in
-``needs`` which outputs it reads, may rescale the detection loss (``detection_weights``, e.g. Chen et al.'s
-``mu`` on the hard classification loss) and maps a :class:`DistillBatch` to named, already weighted loss
-terms. The distillation task runs student and teacher once, matches once, and hands the same batch to
-every configured distiller, so methods combine (Chen2017 + FGD, ...) without the trainer knowing.
+``needs`` which outputs it reads and in ``weight_keys`` which of its settings weighs each term, may rescale
+the detection loss (``detection_weights``, e.g. Chen et al.'s ``mu`` on the hard classification loss) and
+maps a :class:`DistillBatch` to named, already weighted loss terms. The distillation task runs student and
+teacher once, matches once, and hands the same batch to every configured distiller, so methods combine
+(Chen2017 + FGD, ...) without the trainer knowing.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ LOGITS = "class logits"  # (B, P, C), the teacher's on the student's priors
 BOXES = "box regressions"  # (B, P, 4), the teacher's encoded on the student's priors
 CONF_MAPS = "conf-head maps"  # per level (B, A_k * C, H_k, W_k)
 FEATURES = "feature maps"  # per level source maps (B, D_k, H_k, W_k)
-HEAD_INTERMEDIATES = "head intermediates"  # per level inputs of the heads' last convs, and the teacher's heads
+# per level the heads' pre-activation intermediates (PredictionHead), and the teacher's heads
+HEAD_INTERMEDIATES = "head intermediates"
 BOX_DISTRIBUTIONS = "box distributions"  # (B, P, 4, n + 1) edge bin logits of DFL heads
 
 
@@ -59,6 +61,7 @@ class DistillBatch:
     gt_valid: torch.Tensor  # (B, N) bool: real objects (not padding)
     priors: torch.Tensor  # (P, 4) student priors cx,cy,w,h
     iteration: int | torch.Tensor  # training iterations done before this one (0-dim int64 tensor in training)
+    iou_threshold: float = 0.5  # the matching's positive IoU threshold (loss.iou_threshold)
 
     @property
     def positive(self) -> torch.Tensor:
@@ -74,6 +77,8 @@ class Distiller(nn.Module):
     """Base class of the distillation methods (see the module docstring)."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    # term -> the setting that weighs it (``distill.<method>.<setting>``), named in the step-0 warnings
+    weight_keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_models(cls, student: SSD, teacher: SSD, **settings) -> Distiller:

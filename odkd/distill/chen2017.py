@@ -9,7 +9,9 @@
 - ``bound = lam * nu * (1/N) * sum ||R_s - y||^2`` over the positives where
   ``||R_s - y||^2 + m > ||R_t - y||^2`` (per box: a box whose student already beats the teacher by the
   margin costs nothing);
-- ``hint = gamma * sum_levels mean((adapt_k(V_k) - Z_k)^2)``: V/Z are the student's/teacher's conf-head
+- ``hint = gamma * sum_k sum (adapt_k(V_k) - Z_k)^2 / sum_k numel(Z_k)``: one mean over every element of
+  every level (as the original ODKD code takes it over the concatenated head outputs; a sum of per-level
+  means would weigh the 1x1 level as much as the 19x19 one). V/Z are the student's/teacher's conf-head
   output maps; ``adapt_k`` a learned 1x1 conv (it also maps channel counts). A teacher map of another
   size is resized to the student's (bilinear), as happens when a teacher of another prior layout is
   re-mapped.
@@ -20,9 +22,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from odkd.distill.base import BOXES, CONF_MAPS, LOGITS, DistillBatch, Distiller, level_adapters, resize_to
 from odkd.losses.soft_targets import soft_cross_entropy
@@ -46,6 +48,7 @@ class ObjectDistillationLoss(Distiller):
     """
 
     needs = frozenset({LOGITS, BOXES, CONF_MAPS})
+    weight_keys: ClassVar[dict[str, str]] = {"soft_cls": "mu", "bound": "nu", "hint": "gamma"}
 
     def __init__(
         self,
@@ -101,10 +104,11 @@ class ObjectDistillationLoss(Distiller):
         teacher_err = (batch.teacher_loc.detach().float() - targets).pow(2).sum(-1)
         bounded = batch.positive & (student_err + self.margin > teacher_err)
 
-        hint = sum(
-            F.mse_loss(adapter(v.float()), resize_to(z.detach().float(), v.shape[-2:]))
+        squared = [
+            (adapter(v.float()) - resize_to(z.detach().float(), v.shape[-2:])).pow(2)
             for adapter, v, z in zip(self.adapters, batch.student.conf_maps, batch.teacher.conf_maps, strict=True)
-        )
+        ]
+        hint = sum(s.sum() for s in squared) / sum(s.numel() for s in squared)
         mu = self.mu_at(batch.iteration)
         return {
             "soft_cls": (1 - mu) * T * T * soft.where(batch.sampled, 0.0).sum() / batch.num_pos,

@@ -21,6 +21,7 @@ up to ``ceil(x2 W)`` inclusive; here a box covers exactly the cells it overlaps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -99,6 +100,7 @@ class FGD(Distiller):
     """
 
     needs = frozenset({FEATURES})
+    weight_keys: ClassVar[dict[str, str]] = {"focal": "alpha", "attention": "gamma", "global": "lam"}
 
     def __init__(
         self,

@@ -8,6 +8,8 @@ gradients at the scale of the hard ones.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from odkd.distill.base import LOGITS, DistillBatch, Distiller
@@ -20,6 +22,7 @@ class HintonKD(Distiller):
     """Returns ``kd``; scales the detection ``conf`` by ``1 - alpha``."""
 
     needs = frozenset({LOGITS})
+    weight_keys: ClassVar[dict[str, str]] = {"kd": "alpha"}
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.5) -> None:
         super().__init__()

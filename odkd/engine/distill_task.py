@@ -13,7 +13,7 @@ logits are used as they are and whose decoded box is re-encoded against the stud
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from odkd.distill import (
     Distiller,
     build_distillers,
 )
+from odkd.distill.calibration import Calibration, gradient_norm
 from odkd.engine.task import DetectionTask
 from odkd.matching import map_priors, valid_gt_mask
 from odkd.models import SSD, SSDOutput
@@ -67,6 +68,7 @@ class DistillationTask(DetectionTask):
         iou_threshold: float = 0.5,
         prior_mapping: str = "none",
         dfl_weight: float = 0.25,
+        balance_fraction: float | None = None,
     ) -> None:
         super().__init__(student, neg_pos_ratio, iou_threshold, dfl_weight)
         if student.num_classes != teacher.num_classes:
@@ -87,6 +89,10 @@ class DistillationTask(DetectionTask):
         # Training forwards so far, on the device: a Python int attribute would be baked into a
         # torch.compile graph and recompile it at every step. Saved as extra state (see below).
         self.register_buffer("iterations", torch.zeros((), dtype=torch.int64), persistent=False)
+        # Per method, the factor on its terms: 1 unless step-0 calibration balances them (balance_fraction).
+        # On the device for the same reason; saved as extra state, so a resumed run keeps them.
+        self.register_buffer("term_scales", torch.ones(len(self.distillers)), persistent=False)
+        self.balance_fraction = balance_fraction
 
     def _check_pairing(self, student: SSD, teacher: SSD, prior_mapping: str) -> None:
         """Teacher and student of different prior layouts: which methods can still be paired, and how."""
@@ -114,10 +120,11 @@ class DistillationTask(DetectionTask):
         return int(self.iterations)
 
     def get_extra_state(self) -> dict:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "term_scales": self.term_scales.tolist()}
 
     def set_extra_state(self, state: dict) -> None:
         self.iterations.fill_(state["iteration"])
+        self.term_scales.copy_(torch.tensor(state.get("term_scales", [1.0] * len(self.distillers))))
 
     def train(self, mode: bool = True) -> DistillationTask:
         super().train(mode)
@@ -163,15 +170,67 @@ class DistillationTask(DetectionTask):
             gt_valid=valid_gt_mask(boxes, labels),
             priors=self.model.priors,
             iteration=self.iterations.clone(),  # the value of this step, whatever happens to the counter
+            iou_threshold=self.iou_threshold,
         )
-        for name, distiller in self.distillers.items():
+        for (name, distiller), scale in zip(self.distillers.items(), self.term_scales, strict=True):
             for term, factor in distiller.detection_weights(batch.iteration).items():
                 if term in losses:
                     losses[term] = losses[term] * factor
-            losses.update({f"{name}/{term}": value for term, value in distiller(batch).items()})
+            losses.update({f"{name}/{term}": value * scale for term, value in distiller(batch).items()})
         if self.training:
             self.iterations.add_(1)
         return losses
+
+    def calibrate(
+        self,
+        images: torch.Tensor,
+        boxes: torch.Tensor,
+        labels: torch.Tensor,
+        average: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Calibration:
+        """Step-0 calibration on one batch (:mod:`odkd.distill.calibration`): each term's value and gradient
+        norm w.r.t. the student's weights beside the detection loss's; with ``balance_fraction`` set, first
+        the scales that bring each method's gradient norm to that fraction of the detection loss's.
+        ``average`` averages the measurements over processes (every process then sets the same scales).
+        The task's buffers (BN statistics, the iteration counter) are restored: the run goes on as if
+        this had not run, but for the scales."""
+        saved = {name: buffer.clone() for name, buffer in self.named_buffers()}
+        try:
+            losses = self(images, boxes, labels)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            terms = {key: value for key, value in losses.items() if "/" in key}
+            detection = sum(value for key, value in losses.items() if "/" not in key)
+            methods = [sum(v for k, v in terms.items() if k.split("/")[0] == name) for name in self.distillers]
+            losses_to_measure = [detection, *terms.values(), *methods]
+            stats = torch.stack(
+                [torch.stack([loss.detach().float(), gradient_norm(loss, params)]) for loss in losses_to_measure]
+            )
+            if average is not None:
+                stats = average(stats)
+        finally:
+            for name, buffer in self.named_buffers():
+                buffer.copy_(saved[name])
+        stats = stats.tolist()
+        detection_stats, term_stats, method_stats = stats[0], stats[1 : 1 + len(terms)], stats[1 + len(terms) :]
+        factors = dict.fromkeys(self.distillers, 1.0)  # what this calibration multiplies each method's terms by
+        if self.balance_fraction is not None:
+            for (name, factor), (_, norm) in zip(factors.items(), method_stats, strict=True):
+                if norm > 0:  # a method without gradient at step 0 stays as it is
+                    factors[name] = factor * self.balance_fraction * detection_stats[1] / norm
+            self.term_scales.mul_(torch.tensor(list(factors.values())).to(self.term_scales))
+        method_of = {key: key.split("/")[0] for key in terms}
+        return Calibration(
+            detection=(detection_stats[0], detection_stats[1]),
+            terms={
+                key: (value * factors[method_of[key]], norm * factors[method_of[key]])
+                for key, (value, norm) in zip(terms, term_stats, strict=True)
+            },
+            scales=dict(zip(self.distillers, self.term_scales.tolist(), strict=True)),
+            settings={
+                key: f"distill.{method}.{self.distillers[method].weight_keys.get(key.split('/', 1)[1], key)}"
+                for key, method in method_of.items()
+            },
+        )
 
 
 def build_distillation_task(cfg: Config, student: SSD, teacher: SSD | None = None) -> DistillationTask:
@@ -190,4 +249,5 @@ def build_distillation_task(cfg: Config, student: SSD, teacher: SSD | None = Non
         cfg.loss.iou_threshold,
         d.prior_mapping,
         cfg.loss.dfl_weight,
+        d.balance_fraction if d.auto_balance else None,
     )

@@ -290,6 +290,8 @@ class Trainer:
         bad_in_a_row, window_images, window_start = 0, 0, time.perf_counter()
         checkpoint = None
         for images, boxes, labels in prefetch_to_device(loader, self.device):
+            if self.iteration == 0 and hasattr(self.task, "calibrate"):
+                self._calibrate(images, boxes, labels)
             if cfg.compile:
                 begin_compiled_step(boxes, labels, fixed_gt_slots=self.gt_slots > 0)
             with self.autocast():
@@ -368,6 +370,18 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def _calibrate(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> None:
+        """Before the first step of a fresh run: the task's step-0 calibration on the first batch (a
+        distillation task's term table, :mod:`odkd.distill.calibration`), logged and kept in metrics.jsonl."""
+        world = self.info.world_size
+        with self.autocast():
+            calibration = self.task.calibrate(images, boxes, labels, lambda t: all_reduce_sum(t, self.info) / world)
+        log.info("step-0 calibration on the first batch (gradient norms w.r.t. the student's weights):\n%s",
+                 calibration.table())
+        for warning in calibration.warnings():
+            log.warning(warning)
+        self._log({"iter": 0, "calibration": calibration.to_json()})
 
     # ------------------------------------------------------------------------------------ plumbing
     def _on_signal(self, signum: int, frame) -> None:

@@ -76,28 +76,31 @@ class SSDOutput(NamedTuple):
     features: list[torch.Tensor]  # per level (B, D_k, H_k, W_k): the source maps fed to the heads
     loc_maps: list[torch.Tensor]  # per level (B, A_k*4, H_k, W_k): loc head outputs before flattening
     conf_maps: list[torch.Tensor]  # per level (B, A_k*C, H_k, W_k): conf head outputs before flattening
-    loc_intermediates: list[torch.Tensor]  # per level: input of the loc head's last conv (see PredictionHead)
-    conf_intermediates: list[torch.Tensor]  # per level: input of the conf head's last conv
+    loc_intermediates: list[torch.Tensor]  # per level: the loc head's pre-activation intermediate (PredictionHead)
+    conf_intermediates: list[torch.Tensor]  # per level: the conf head's pre-activation intermediate
     # (B, P, 4, n+1) bin logits of the edges (l, t, r, b) for a distribution (DFL) box head, else None
     loc_dist: torch.Tensor | None = None
 
 
 class PredictionHead(nn.Module):
-    """One level of a head: ``predictor(intermediate(x))``.
+    """One level of a head: ``predictor(activation(intermediate(x)))``.
 
-    For SSDLite's separable heads ``intermediate`` is depthwise 3x3 conv + BN + ReLU6 and ``predictor``
-    the pointwise 1x1 conv; for plain heads ``intermediate`` is the identity and ``predictor`` the whole
-    conv. The split is what CrossKD needs: it feeds one model's intermediates into another's predictor.
+    For SSDLite's separable heads ``intermediate`` is the depthwise 3x3 conv + BN, ``activation`` ReLU6 and
+    ``predictor`` the pointwise 1x1 conv; for plain heads ``intermediate`` and ``activation`` are the identity
+    and ``predictor`` the whole conv. The split is what CrossKD needs: it feeds one model's pre-activation
+    intermediates, standardised, through another's activation and predictor.
     """
 
-    def __init__(self, intermediate: nn.Module, predictor: nn.Conv2d) -> None:
+    def __init__(self, intermediate: nn.Module, predictor: nn.Conv2d, activation: nn.Module | None = None) -> None:
         super().__init__()
         self.intermediate = intermediate
+        self.activation = activation if activation is not None else nn.Identity()
         self.predictor = predictor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` -> (the pre-activation intermediate, the head's output map)."""
         mid = self.intermediate(x)
-        return mid, self.predictor(mid)
+        return mid, self.predictor(self.activation(mid))
 
 
 def plain_head(in_channels: int, out_channels: int, kernel_size: int = 3) -> PredictionHead:
@@ -111,9 +114,9 @@ def separable_head(in_channels: int, out_channels: int) -> PredictionHead:
     depthwise = nn.Sequential(
         nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels),
         nn.BatchNorm2d(in_channels),
-        nn.ReLU6(inplace=True),
     )
-    return PredictionHead(depthwise, nn.Conv2d(in_channels, out_channels, 1))
+    # Not in place: the pre-activation map is an output of the head (CrossKD reads it).
+    return PredictionHead(depthwise, nn.Conv2d(in_channels, out_channels, 1), nn.ReLU6())
 
 
 def _flatten(maps: Sequence[torch.Tensor], last_dim: int) -> torch.Tensor:
