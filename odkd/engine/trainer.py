@@ -377,8 +377,10 @@ class Trainer:
         world = self.info.world_size
         with self.autocast():
             calibration = self.task.calibrate(images, boxes, labels, lambda t: all_reduce_sum(t, self.info) / world)
-        log.info("step-0 calibration on the first batch (gradient norms w.r.t. the student's weights):\n%s",
-                 calibration.table())
+        log.info(
+            "step-0 calibration on the first batch (gradient norms w.r.t. the student's weights):\n%s",
+            calibration.table(),
+        )
         for warning in calibration.warnings():
             log.warning(warning)
         self._log({"iter": 0, "calibration": calibration.to_json()})
