@@ -93,6 +93,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"  # adamw: momentum is its beta1, weight_decay its decoupled decay
     lr: float = 1e-3  # for reference_batch_size images per step
     reference_batch_size: int = 32
     momentum: float = 0.9

@@ -133,6 +133,9 @@ def import_checkpoint(state_dict: Mapping, source: str) -> SSD:
         if value.shape != target[new_key].shape:
             misshapen.append(f"{key} {tuple(value.shape)} (model {new_key} {tuple(target[new_key].shape)})")
         renamed[new_key] = value
+    for key in target:  # checkpoints of PyTorch < 0.4.1 have no BatchNorm step counts: 0, as BatchNorm loads them
+        if key.endswith("num_batches_tracked") and key not in renamed:
+            renamed[key] = torch.zeros_like(target[key])
     missing = [k for k in target if k not in renamed]
     if unexpected or misshapen or missing:
         problems = [

@@ -6,14 +6,13 @@ python scripts/benchmark.py eval      # VOC AP: vectorised evaluation vs the per
 python scripts/benchmark.py train     # training throughput: images/s, peak memory, time per phase
 python scripts/benchmark.py distill   # the same for distillation (student + frozen teacher + distillers)
 python scripts/benchmark.py loader    # the training data pipeline alone
-python scripts/benchmark.py demo|kd   # accuracy: the CPU demo to convergence; every distiller, 3 seeds
+python scripts/benchmark.py demo      # accuracy: the CPU demo to convergence (distillers: scripts/compare.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -567,91 +566,6 @@ def bench_demo(args: argparse.Namespace) -> None:
     print(f"final mAP {100 * result.last_map:.2f}, best {100 * result.best_map:.2f}")
 
 
-KD_ARMS = ("alone", "chen2017", "hinton", "fgd", "crosskd", "chen2017+fgd", "crosskd+fgd", "alone_dfl", "ld")
-
-
-def _uses_dfl(arm: str) -> bool:
-    """Arms with a distribution box head: the DFL baseline and every arm with LD."""
-    return arm == "alone_dfl" or "ld" in arm.split("+")
-
-
-def _arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
-    """Config overrides of one benchmark arm: "alone" / "alone_dfl" (no teacher) or methods joined by "+".
-    DFL arms use model.dfl_bins=16 and --dfl-teacher."""
-    overrides = [f"distill.teacher={args.dfl_teacher if _uses_dfl(arm) else args.teacher}"]
-    if _uses_dfl(arm):
-        overrides.append("model.dfl_bins=16")
-    if not arm.startswith("alone"):
-        overrides.append(f"distill.methods=[{', '.join(arm.split('+'))}]")
-    return overrides
-
-
-def _earlier_run(cfg) -> tuple[float | None, str | None]:
-    """What an earlier run of exactly this config left in ``train.output_dir``: (its mAP at
-    ``optim.max_iters`` if it got there, else None; ``"auto"`` to resume it from its last checkpoint, else None).
-    A folder that holds another config, or nothing, gives (None, None): train from scratch."""
-    from odkd.config import ConfigError, load_config
-
-    out = Path(cfg.train.output_dir)
-    try:
-        same = (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
-    except ConfigError:  # written by another odkd version: not this config
-        same = False
-    if not same:
-        return None, None
-    final = [r["mAP"] for r in read_metrics(out) if r["iter"] == cfg.optim.max_iters and "mAP" in r]
-    return (final[-1], None) if final else (None, "auto")
-
-
-def bench_kd(args: argparse.Namespace) -> None:
-    from odkd.config import load_config
-    from odkd.engine.build import run_training
-    from odkd.engine.distill_task import build_distillation_task
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
-    for arm in args.arms:
-        teacher = args.dfl_teacher if _uses_dfl(arm) else args.teacher
-        if not arm.startswith("alone") and not Path(teacher).is_file():
-            raise SystemExit(
-                f"teacher {teacher} of arm {arm} does not exist: run python scripts/benchmark.py demo --iters 300 "
-                "(and with --output-dir runs/benchmark_demo_dfl model.dfl_bins=16 for the ld arms) first"
-            )
-    results: dict[str, list[float]] = {arm: [] for arm in args.arms}
-    start = time.perf_counter()
-    for seed in args.seeds:
-        for arm in args.arms:
-            overrides = [
-                f"train.seed={seed}",
-                f"train.output_dir={args.output_dir}/{arm}_{seed}",
-                *_arm_overrides(arm, args),
-                *args.overrides,
-            ]
-            cfg = load_config(config, overrides)
-            finished, resume = (None, None) if args.fresh else _earlier_run(cfg)
-            how = "the earlier run's"
-            if finished is None:
-                distil = not arm.startswith("alone")
-                make_task = (lambda model, cfg=cfg: build_distillation_task(cfg, model)) if distil else None
-                device = "cpu" if args.cpu else None
-                result, _ = run_training(cfg, resume, device=device, make_task=make_task, progress=False)
-                finished, how = result.last_map, "resumed" if resume else "trained"
-            results[arm].append(100 * finished)
-            print(f"seed {seed} {arm:<14} mAP {100 * finished:.2f}  ({how})", flush=True)
-    print(
-        f"student {cfg.model.name} x{cfg.model.width_mult}, {cfg.optim.max_iters} iterations, teachers {args.teacher} "
-        f"(plain), {args.dfl_teacher} (DFL head); {(time.perf_counter() - start) / 60:.1f} min"
-    )
-    print(f"{'arm':<14} {'mAP mean +- std':>16}  {'vs alone':>8}  seeds")
-    for arm, maps in results.items():
-        spread = statistics.stdev(maps) if len(maps) > 1 else 0.0
-        baseline = None if arm.startswith("alone") else results.get("alone_dfl" if _uses_dfl(arm) else "alone")
-        delta = f"{statistics.mean(maps) - statistics.mean(baseline):+8.2f}" if baseline else f"{'':>8}"
-        values = ", ".join(f"{m:.2f}" for m in maps)
-        print(f"{arm:<14} {statistics.mean(maps):>7.2f} +- {spread:<5.2f}  {delta}  ({values})")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -722,21 +636,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
     demo.add_argument("overrides", nargs="*", help="more config overrides, section.key=value")
     demo.set_defaults(run=bench_demo)
-    kd = sub.add_parser("kd", help="student alone vs every distillation method (demo_distill_synthetic.yaml), seeds")
-    kd.add_argument("--teacher", default="runs/benchmark_demo/best.pt", help="teacher of the plain-head arms")
-    kd.add_argument("--dfl-teacher", default="runs/benchmark_demo_dfl/best.pt", help="teacher of the DFL-head arms")
-    kd.add_argument("--arms", nargs="+", default=list(KD_ARMS), help="'alone', 'alone_dfl' or methods joined by +")
-    kd.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    kd.add_argument("--output-dir", default="runs/benchmark_kd")
-    kd.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
-    kd.add_argument(
-        "--fresh",
-        action="store_true",
-        help="train every arm anew; by default an arm whose folder holds a finished run of the same config is "
-        "reused and an unfinished one resumed (retrain after changing a teacher file in place)",
-    )
-    kd.add_argument("overrides", nargs="*", help="more config overrides for both runs, section.key=value")
-    kd.set_defaults(run=bench_kd)
     return parser
 
 

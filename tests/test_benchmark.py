@@ -74,30 +74,3 @@ def test_cuda_benchmark_script_runs_valid_commands():
         ["bash", ROOT / "scripts" / "benchmark_cuda.sh", "everything"], capture_output=True, text=True
     )
     assert wrong.returncode == 2 and "unknown stage everything" in wrong.stderr
-
-
-def test_kd_benchmark_reuses_finished_arms_and_resumes_cut_ones(tmp_path, run_script):
-    """`benchmark.py kd` runs for half an hour: run again, it keeps what an earlier run of the same config
-    finished and resumes an arm that was stopped, with the same numbers."""
-    out = tmp_path / "kd"
-    command = [
-        "benchmark.py", "kd", "--arms", "alone", "--seeds", "0", "--cpu", "--output-dir", out,
-        f"data.voc_root={tmp_path / 'data'}", "data.synthetic_sizes={trainval: 4, test: 2}", "data.batch_size=2",
-        "data.num_workers=0", "eval.batch_size=2", "optim.max_iters=2", "optim.warmup_iters=0",
-    ]  # fmt: skip
-
-    def arm_line(done: subprocess.CompletedProcess) -> str:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return re.search(r"^seed 0 alone .*$", done.stdout, re.M).group(0)
-
-    trained = arm_line(run_script(*command))
-    assert trained.endswith("(trained)")
-    mAP = trained.split("mAP ")[1].split()[0]
-    assert arm_line(run_script(*command)) == f"seed 0 alone          mAP {mAP}  (the earlier run's)"
-    # Stopped while evaluating the last iteration: its checkpoint is there, the mAP and final model are not.
-    metrics = out / "alone_0" / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"mAP"' not in line))
-    (out / "alone_0" / "model_final.pt").unlink()
-    assert arm_line(run_script(*command)) == f"seed 0 alone          mAP {mAP}  (resumed)"
-    # Another config in the same folder trains anew.
-    assert arm_line(run_script(*command, "optim.lr=0.01")).endswith("(trained)")

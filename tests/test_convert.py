@@ -69,6 +69,17 @@ def test_imported_model_computes_the_original_outputs(source, layout, forward):
     torch.testing.assert_close(out.conf, conf_ref, rtol=1e-4, atol=1e-4 * conf_ref.abs().max().item())
 
 
+def test_checkpoints_without_batchnorm_step_counts_import(qfgaohao_state):
+    """Checkpoints saved by PyTorch before 0.4.1 hold no num_batches_tracked: they import and compute the same."""
+    old = {k: v for k, v in qfgaohao_state.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(qfgaohao_state)
+    x = torch.randn(2, 3, 300, 300, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = import_checkpoint(old, "qfgaohao").eval()(x)
+        expected = import_checkpoint(qfgaohao_state, "qfgaohao").eval()(x)
+    assert torch.equal(got.loc, expected.loc) and torch.equal(got.conf, expected.conf)
+
+
 def test_wrapped_and_dataparallel_checkpoints_import(qfgaohao_state):
     wrapped = {"state_dict": {f"module.{k}": v for k, v in qfgaohao_state.items()}}
     model = import_checkpoint(wrapped, "qfgaohao")

@@ -28,14 +28,16 @@ def lr_factor(iteration: int, cfg: OptimConfig) -> float:
     return factor
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum and weight decay, all weights updated at once: the fused kernel on CUDA (one
-    launch; it also takes the AMP loss scale itself), the multi-tensor (foreach) kernels elsewhere. Both
-    give the same update as the per-weight loop up to float rounding, and the same state_dict."""
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """``cfg.name``: SGD with momentum and weight decay (the SSD recipes), or AdamW (decoupled weight
+    decay, ``momentum`` as beta1), all weights updated at once: the fused kernel on CUDA (one launch; it
+    also takes the AMP loss scale itself), the multi-tensor (foreach) kernels elsewhere. Both give the
+    same update as the per-weight loop up to float rounding, and the same state_dict."""
     fused = all(p.is_cuda for p in params)
-    return torch.optim.SGD(
-        params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=not fused, fused=fused
-    )
+    kernels = {"foreach": not fused, "fused": fused}
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, **kernels)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kernels)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:

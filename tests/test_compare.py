@@ -1,0 +1,158 @@
+"""The paired comparison harness: statistics by hand, the report, and a tiny experiment end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from odkd.checkpoint import save_model
+from odkd.compare import (
+    Arm,
+    ComparisonResult,
+    Experiment,
+    RunRecord,
+    load_experiment,
+    markdown,
+    paired_difference,
+    run_experiment,
+    summary,
+    write_report,
+)
+from odkd.config import ConfigError, load_config
+from odkd.data.synthetic import make_synthetic_voc
+from odkd.engine.build import build_trainer
+from odkd.engine.distill_task import build_distillation_task
+from odkd.models import build_model
+
+
+def test_paired_difference_by_hand():
+    # differences 2, 1, 2, 1, 3: mean 1.8, sample sd sqrt(2.8 / 4); t(0.975, 4) = 2.776445 (tables)
+    diff = paired_difference([40, 41, 39, 42, 40], [42, 42, 41, 43, 43])
+    half = 2.776445 * math.sqrt(0.7) / math.sqrt(5)
+    assert diff.n == 5 and diff.mean == pytest.approx(1.8) and diff.better == 5
+    assert (diff.low, diff.high) == (pytest.approx(1.8 - half, abs=1e-5), pytest.approx(1.8 + half, abs=1e-5))
+    assert diff.significant
+    # differences -1, +1, 0: mean 0, sd 1, t(0.975, 2) = 4.302653: [-2.484, 2.484], not significant
+    diff = paired_difference([10, 10, 10], [9, 11, 10])
+    assert diff.mean == 0 and diff.high == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5) and not diff.significant
+    assert diff.better == 1
+    one = paired_difference([10], [12])  # one seed: a difference, no interval
+    assert one.mean == 2 and math.isnan(one.low) and math.isnan(one.high) and not one.significant
+
+
+def record(arm, seed, mAP, ap):
+    return RunRecord(arm, seed, f"runs/{arm}/{seed}", mAP, ap, {"loss": [(1, 2.0), (2, 1.0)]}, "trained")
+
+
+def test_report_shows_the_paired_differences_per_arm_and_class():
+    experiment = Experiment([Arm("alone", None), Arm("kd", None)], "alone", [1, 2], "unused")
+    runs = {
+        "alone": {
+            1: record("alone", 1, 0.40, {"a": 0.3, "b": 0.5}),
+            2: record("alone", 2, 0.42, {"a": 0.34, "b": 0.5}),
+        },
+        "kd": {1: record("kd", 1, 0.45, {"a": 0.4, "b": 0.5}), 2: record("kd", 2, 0.44, {"a": 0.38, "b": 0.5})},
+    }
+    teacher = record("teacher", None, 0.7, {"a": 0.6, "b": 0.8})
+    data = summary(ComparisonResult(experiment, runs, teacher, {"device": "CPU"}))
+    kd = data["arms"]["kd"]
+    assert kd["mean"] == pytest.approx(44.5) and kd["vs_baseline"]["mean"] == pytest.approx(3.5)
+    assert kd["vs_baseline"]["better"] == 2 and kd["per_class"] == {"a": pytest.approx(39.0), "b": pytest.approx(50)}
+    assert kd["vs_baseline"]["per_class"] == {"a": pytest.approx(7.0), "b": pytest.approx(0.0)}
+    # differences 5 and 2: mean 3.5, sd 2.1213, t(0.975, 1) = 12.7062: 3.5 +- 19.06
+    low, high = kd["vs_baseline"]["ci95"]
+    assert (low, high) == pytest.approx((3.5 - 19.0593, 3.5 + 19.0593), abs=1e-3)
+    text = markdown(data)
+    assert "| teacher (trained once) | 70.00 | | | |" in text
+    assert "| alone (baseline) | 41.00 +- 1.41 |" in text
+    assert "| kd | 44.50 +- 0.71 | +3.50 | [-15.56, +22.56] | 2/2 |" in text
+    assert "| a | 60.00 | 32.00 | 39.00 (+7.0) |" in text
+
+
+def test_experiment_files_are_checked(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"arms": {"a": {"config": "c.yaml"}, "b": {"overrides": ["optim.lr=0.1"]}}}))
+    experiment = load_experiment(path)
+    assert experiment.baseline == "a" and experiment.arms[0].config == str(tmp_path / "c.yaml")
+    assert experiment.arms[1] == Arm("b", None, ("optim.lr=0.1",)) and experiment.seeds == [1, 2, 3, 4, 5]
+    path.write_text(yaml.safe_dump({"arms": {"a": {"config": "c.yaml"}}, "baseline": "b"}))
+    with pytest.raises(ConfigError, match="baseline 'b' is not one of the arms"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump({"arms": {"a": {"confg": "c.yaml"}}}))
+    with pytest.raises(ConfigError, match="arm a: expected"):
+        load_experiment(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "nowhere.yaml")
+
+
+def tiny_overrides(tmp_path):
+    make_synthetic_voc(tmp_path / "voc", {"trainval": 6, "test": 3}, seed=3, min_size=100, max_size=160)
+    return (
+        f"data.voc_root={tmp_path / 'voc'}", "data.batch_size=2", "data.num_workers=0", "eval.batch_size=3",
+        "optim.max_iters=2", "optim.warmup_iters=1", "train.checkpoint_every=1", "model.width_mult=0.5",
+    )  # fmt: skip
+
+
+def test_same_seed_same_initial_student_and_batches_in_every_arm(tmp_path):
+    """What makes the comparison paired: the student alone and the distilled student of one seed start from
+    the same weights and see the same augmented batches (another seed: other weights)."""
+    common = tiny_overrides(tmp_path)
+    torch.manual_seed(0)
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.75), tmp_path / "teacher.pt")
+
+    def trainer(seed, distil):
+        extra = [f"distill.teacher={tmp_path / 'teacher.pt'}", "distill.methods=[fgd]"] if distil else []
+        cfg = load_config(None, [*common, f"train.seed={seed}", f"train.output_dir={tmp_path / 'x'}", *extra])
+        make_task = (lambda model: build_distillation_task(cfg, model)) if distil else None
+        return build_trainer(cfg, "cpu", make_task, progress=False)
+
+    alone, distilled, other_seed = trainer(1, False), trainer(1, True), trainer(2, False)
+    weights = alone.model.state_dict()
+    assert all(torch.equal(v, distilled.model.state_dict()[k]) for k, v in weights.items())
+    assert not all(torch.equal(v, other_seed.model.state_dict()[k]) for k, v in weights.items())
+    for key in [(i, 7 + i) for i in range(4)]:  # (index, seed) as the sampler yields them
+        a, b = alone.train_set[key], distilled.train_set[key]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+
+
+def test_experiment_end_to_end_reuses_and_resumes(tmp_path, caplog):
+    """A teacher, the student alone and a distilled arm on two seeds: the report, then a rerun that reuses
+    every run, resumes a cut one with the same number, and retrains only what changed."""
+    common = tiny_overrides(tmp_path)
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump({"distill": {"teacher": "set-by-the-experiment"}}))
+    experiment = Experiment(
+        arms=[Arm("alone", None), Arm("hinton", str(tmp_path / "distill.yaml"), ("distill.methods=[hinton]",))],
+        baseline="alone",
+        seeds=[1, 2],
+        output_dir=str(tmp_path / "cmp"),
+        teacher=Arm("teacher", None, ("model.width_mult=0.75",)),
+        overrides=common,
+    )
+    result = run_experiment(experiment, device="cpu")
+    assert result.teacher.how == "trained" and {r.how for runs in result.runs.values() for r in runs.values()} == {
+        "trained"
+    }
+    paths = write_report(result)
+    data = json.loads(paths["json"].read_text())
+    assert data["arms"]["hinton"]["vs_baseline"]["n"] == 2 and set(data["arms"]["alone"]["mAP"]) == {"1", "2"}
+    assert "hinton/kd" in result.runs["hinton"][1].losses and paths["plot"].stat().st_size > 0
+    assert paths["detections"].is_file() and "| hinton |" in paths["markdown"].read_text()
+    hinton_cfg = load_config(tmp_path / "cmp" / "hinton" / "seed1" / "config.yaml")
+    assert hinton_cfg.distill.teacher == str(tmp_path / "cmp" / "teacher" / "model_final.pt")
+
+    # Seed 2 of hinton stopped while evaluating its last iteration: resumed, the same mAP.
+    cut = tmp_path / "cmp" / "hinton" / "seed2"
+    metrics = cut / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"mAP"' not in line))
+    again = run_experiment(experiment, device="cpu")
+    assert again.teacher.how == "reused" and again.runs["alone"][1].how == "reused"
+    assert again.runs["hinton"][2].how == "resumed" and again.runs["hinton"][2].mAP == result.runs["hinton"][2].mAP
+    # Another setting of one arm retrains that arm alone.
+    changed = Experiment(
+        [experiment.arms[0], Arm("hinton", experiment.arms[1].config, ("distill.methods=[hinton]", "optim.lr=0.01"))],
+        "alone", [1], experiment.output_dir, experiment.teacher, common,
+    )  # fmt: skip
+    third = run_experiment(changed, device="cpu")
+    assert third.runs["alone"][1].how == "reused" and third.runs["hinton"][1].how == "trained"
