@@ -181,7 +181,7 @@ if want 2; then
     measure student 30 "${bench[@]}" train "${student_model[@]}" "${train[@]}" "${student_iters[@]}"
     measure distill 30 "${bench[@]}" distill "${student_model[@]}" --teacher-model $distill_teacher \
         --methods "${methods[@]}" "${train[@]}" "${distill_iters[@]}"
-    measure eval 20 "${bench[@]}" eval --model mobilenetv2_ssdlite300 --images $eval_images --batch $batch \
+    measure eval 30 "${bench[@]}" eval --model mobilenetv2_ssdlite300 --images $eval_images --batch $batch \
         --workers $workers --root "$work/bench_eval" "${device[@]}"
     if [ $dry = 0 ]; then # compiling takes minutes of CPU: only where time allows, never in the CPU dry run
         measure student_compile 120 "${bench[@]}" train "${student_model[@]}" "${train[@]}" "${student_iters[@]}" \
