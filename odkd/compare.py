@@ -334,11 +334,19 @@ def summary(result: ComparisonResult) -> dict:
                 }  # fmt: skip
         arms[name] = entry
     teacher = result.teacher
+    teacher_data = None if teacher is None else {"mAP": 100 * teacher.mAP, "per_class": _class_means({0: teacher})}
+    for entry in arms.values():  # the teacher-student gap: how far below the teacher each arm stays
+        if teacher_data and entry["mean"] is not None:
+            entry["vs_teacher"] = {
+                "mean": entry["mean"] - teacher_data["mAP"],
+                "per_class": {c: v - teacher_data["per_class"][c] for c, v in entry["per_class"].items()
+                              if c in teacher_data["per_class"]},
+            }  # fmt: skip
     return {
         "baseline": experiment.baseline,
         "seeds": experiment.seeds,
         "environment": result.environment,
-        "teacher": None if teacher is None else {"mAP": 100 * teacher.mAP, "per_class": _class_means({0: teacher})},
+        "teacher": teacher_data,
         "arms": arms,
         "configs": {a.name: {"config": a.config, "overrides": list(a.overrides)} for a in experiment.arms},
     }
@@ -354,6 +362,7 @@ def markdown(data: dict) -> str:
     """The report as Markdown: arms with the paired difference, per-class AP, per-seed mAP."""
     env = data["environment"]
     seeds = data["seeds"]
+    teacher = data["teacher"]
     lines = [
         f"# Paired comparison: {len(seeds)} seed(s) {seeds}, baseline `{data['baseline']}`",
         "",
@@ -361,11 +370,11 @@ def markdown(data: dict) -> str:
         f"{env.get('date')}. mAP x 100 at the last iteration; the difference to the baseline is paired by seed, "
         "its interval the 95% confidence interval of the mean (paired t).",
         "",
-        "| arm | mAP mean +- std | vs baseline | 95% CI | seeds better |",
-        "|---|---|---|---|---|",
+        "| arm | mAP mean +- std | vs baseline | 95% CI | seeds better |" + (" vs teacher |" if teacher else ""),
+        "|---|---|---|---|---|" + ("---|" if teacher else ""),
     ]
-    if data["teacher"]:
-        lines.append(f"| teacher (trained once) | {_number(data['teacher']['mAP'])} | | | |")
+    if teacher:
+        lines.append(f"| teacher (trained once) | {_number(teacher['mAP'])} | | | | |")
     for name, arm in data["arms"].items():
         label = f"{name} (baseline)" if name == data["baseline"] else name
         versus = arm.get("vs_baseline")
@@ -374,13 +383,25 @@ def markdown(data: dict) -> str:
             low, high = versus["ci95"]
             cells = [_number(versus["mean"], sign=True), f"[{_number(low, sign=True)}, {_number(high, sign=True)}]",
                      f"{versus['better']}/{versus['n']}"]  # fmt: skip
+        if teacher:
+            cells.append(_number(arm.get("vs_teacher", {}).get("mean"), sign=True))
         lines.append(f"| {label} | {_number(arm['mean'])} +- {_number(arm['std'])} | {' | '.join(cells)} |")
+    base = data["arms"][data["baseline"]]
+    if teacher and base["mean"] is not None and teacher["mAP"] > base["mean"]:
+        gap = teacher["mAP"] - base["mean"]
+        closed = [
+            f"`{name}` closes {100 * arm['vs_baseline']['mean'] / gap:.0f}% of it"
+            for name, arm in data["arms"].items()
+            if name != data["baseline"] and "vs_baseline" in arm
+        ]
+        lines += ["", f"Teacher-student gap: the baseline is {gap:.2f} mAP below the teacher"
+                  + (f"; {', '.join(closed)}." if closed else ".")]  # fmt: skip
     classes = list(next(iter(data["arms"].values()))["per_class"])
-    columns = (["teacher"] if data["teacher"] else []) + list(data["arms"])
+    columns = (["teacher"] if teacher else []) + list(data["arms"])
     lines += ["", "Per-class AP (mean over seeds; in brackets the mean paired difference to the baseline):", ""]
     lines += [f"| class | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
     for c in classes:
-        cells = [_number(data["teacher"]["per_class"].get(c))] if data["teacher"] else []
+        cells = [_number(teacher["per_class"].get(c))] if teacher else []
         for arm in data["arms"].values():
             delta = arm.get("vs_baseline", {}).get("per_class", {}).get(c)
             cells.append(

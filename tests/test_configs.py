@@ -1,13 +1,17 @@
-"""Every shipped config loads and names a dataset layout the loader understands."""
+"""Every shipped config loads and names a dataset layout the loader understands; every experiment file
+(``compare_*.yaml``, for scripts/compare.py) names configs that do."""
 
 from pathlib import Path
 
 import pytest
 
+from odkd.compare import load_experiment
 from odkd.config import load_config
 from odkd.data.voc import parse_image_sets
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+FILES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EXPERIMENTS = [p for p in FILES if p.name.startswith("compare_")]
+CONFIGS = [p for p in FILES if p not in EXPERIMENTS]
 
 
 def test_there_are_configs():
@@ -22,3 +26,11 @@ def test_config_loads(path):
     parse_image_sets(cfg.data.train_sets)
     parse_image_sets(cfg.data.test_sets)
     assert cfg.optim.max_iters > max([*cfg.optim.milestones, 0]) or cfg.optim.schedule == "cosine"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_loads(path):
+    experiment = load_experiment(path)
+    for arm in [*experiment.arms, *([experiment.teacher] if experiment.teacher else [])]:
+        cfg = load_config(arm.config, [*experiment.overrides, *arm.overrides])
+        assert Path(arm.config) in CONFIGS and cfg.optim.max_iters > 0

@@ -1,4 +1,5 @@
-"""The training loop on CPU: schedules, a short run, exact resume, NaN handling, signals, DDP."""
+"""The training loop: schedules, a short run, exact resume, NaN handling, signals, DDP (on CPU; their CUDA
+cases, marked ``cuda``, run only where a GPU is)."""
 
 import json
 import logging
@@ -23,7 +24,9 @@ from odkd.engine.build import build_datasets, build_detector
 from odkd.engine.distributed import backend_for
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import latest_checkpoint, match_state_layout, train_gt_slots
+from odkd.engine.trainer import latest_checkpoint, match_state_layout, read_metrics, train_gt_slots
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def test_lr_factor_by_hand():
@@ -39,19 +42,18 @@ def test_lr_factor_by_hand():
     assert lr_factor(100, cosine) == pytest.approx(0.0)
 
 
-def test_optimizer_update_by_hand_and_fused_on_cuda():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_optimizer_update_by_hand_and_fused_on_cuda(device):
     cfg = load_config(None, ["optim.momentum=0.5", "optim.weight_decay=0.1"]).optim
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        weight = torch.nn.Parameter(torch.tensor([2.0], device=device))
-        optimizer = build_optimizer([weight], cfg, lr=0.1)
-        assert optimizer.defaults["fused"] == (device == "cuda")
-        # step 1: d = g + wd * w = 1 + 0.2 = 1.2, buffer = 1.2, w = 2 - 0.12 = 1.88
-        # step 2: d = 1 + 0.188 = 1.188, buffer = 0.5 * 1.2 + 1.188 = 1.788, w = 1.88 - 0.1788 = 1.7012
-        for _ in range(2):
-            weight.grad = torch.ones_like(weight)
-            optimizer.step()
-        assert weight.item() == pytest.approx(1.7012, abs=1e-6)
+    weight = torch.nn.Parameter(torch.tensor([2.0], device=device))
+    optimizer = build_optimizer([weight], cfg, lr=0.1)
+    assert optimizer.defaults["fused"] == (device == "cuda")
+    # step 1: d = g + wd * w = 1 + 0.2 = 1.2, buffer = 1.2, w = 2 - 0.12 = 1.88
+    # step 2: d = 1 + 0.188 = 1.188, buffer = 0.5 * 1.2 + 1.188 = 1.788, w = 1.88 - 0.1788 = 1.7012
+    for _ in range(2):
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+    assert weight.item() == pytest.approx(1.7012, abs=1e-6)
 
 
 def test_loaded_optimizer_state_takes_the_parameters_layout():
@@ -154,8 +156,8 @@ def test_data_augment_settings_reach_the_train_pipeline(tmp_path):
     assert test_set.transform is None  # evaluation resizes only
 
 
-def make_trainer(cfg):
-    info = setup_distributed("cpu")
+def make_trainer(cfg, device="cpu"):
+    info = setup_distributed(device)
     torch.manual_seed(cfg.train.seed)
     model = build_detector(cfg)
     train_set, test_set = build_datasets(cfg, model, info)
@@ -238,6 +240,71 @@ def test_resume_continues_exactly(tmp_path):
     state["optimizer"]["param_groups"][0].update(fused=True, foreach=False)
     resumed.load_state_dict(state)
     assert resumed.optimizer.param_groups[0]["fused"] is False and resumed.optimizer.param_groups[0]["foreach"]
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    """Every float tensor of a model's state (weights, BatchNorm statistics) as one vector on the CPU."""
+    return torch.cat([v.detach().float().cpu().flatten() for v in model.state_dict().values() if v.is_floating_point()])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resume_stays_on_the_run_and_takes_a_cpu_checkpoint(tmp_path):
+    """On CUDA a resumed run is not bit-exact (cuDNN may choose other algorithms after a restart, bf16
+    rounds them differently) but continues the same run: its weights differ from the uninterrupted run's by
+    far less than iterations 3-4 moved them. Rounding changes the last two updates by ~1% (bf16 keeps 8
+    bits); a lost momentum or a wrong lr changes them by their own size, so a tenth of the movement
+    separates the two. A CPU run's checkpoint resumes here too (fused SGD on channels_last weights: the
+    loaded momenta are re-laid), staying within half the movement of the fp32 CPU run (bf16 vs fp32)."""
+    cfg = tiny_config(tmp_path, "train.eval_every=100")
+    straight = make_trainer(cfg, "cuda")
+    straight.fit()
+    at_2 = _weights(load_model(tmp_path / "run" / "checkpoint_0000002.pt"))
+    resumed = make_trainer(cfg, "cuda")
+    resumed.fit(resume=tmp_path / "run" / "checkpoint_0000002.pt")
+    assert resumed.iteration == 4 and resumed.optimizer.param_groups[0]["fused"]
+    end, again = _weights(straight.model), _weights(resumed.model)
+    assert torch.isfinite(again).all()
+    assert (again - end).norm() < 0.1 * (end - at_2).norm()
+
+    on_cpu = tiny_config(tmp_path / "cpu", "train.eval_every=100")
+    cpu_run = make_trainer(on_cpu)
+    cpu_run.fit()
+    cpu_at_2 = tmp_path / "cpu" / "run" / "checkpoint_0000002.pt"
+    on_gpu = make_trainer(on_cpu, "cuda")
+    on_gpu.fit(resume=cpu_at_2)
+    assert on_gpu.iteration == 4
+    for param in on_gpu.params:
+        assert on_gpu.optimizer.state[param]["momentum_buffer"].stride() == param.stride()
+    cpu_end, gpu_end = _weights(cpu_run.model), _weights(on_gpu.model)
+    assert (gpu_end - cpu_end).norm() < 0.5 * (cpu_end - _weights(load_model(cpu_at_2))).norm()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_runs_in_bf16_channels_last_with_fused_sgd(tmp_path):
+    """train.amp on CUDA: bf16 autocast without a GradScaler (the H100/H200 have bf16), channels_last
+    weights, the fused SGD step; the model computes in bf16, the losses come out in float32, and a short
+    run trains and evaluates without a skipped step."""
+    from odkd.data import build_loader, prefetch_to_device
+
+    trainer = make_trainer(tiny_config(tmp_path, "optim.max_iters=6", "train.eval_every=6"), "cuda")
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert trainer.optimizer.param_groups[0]["fused"]
+    convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    loader = build_loader(trainer.train_set, 2, train=True, num_workers=0, max_iters=1)
+    images, boxes, labels = next(prefetch_to_device(loader, trainer.device))
+    with trainer.autocast():
+        outputs = trainer.task.predict(images)
+        losses = trainer.task.losses(outputs, boxes, labels)
+    assert outputs.conf.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    result = trainer.fit()
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if "loss" in r]
+    assert result.iteration == 6 and [r["iter"] for r in train] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) for r in train) and 0.0 <= result.last_map <= 1.0
 
 
 def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, caplog):

@@ -7,6 +7,8 @@ import torch
 
 from odkd.losses import MultiBoxLoss, hard_negative_mask
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
 
 def three_prior_batch():
     """One positive (label 1) and two negatives, two classes.
@@ -97,15 +99,16 @@ def test_gradients_only_reach_positives_and_mined_negatives():
     torch.testing.assert_close(loc.grad[0, 0], torch.tensor([-0.5, 0.5, -1.0, 0.0]))
 
 
-def test_half_precision_inputs_and_autocast_give_float32_loss():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_half_precision_inputs_and_autocast_give_float32_loss(device):
     torch.manual_seed(1)
-    loc, conf = torch.randn(2, 40, 4), torch.randn(2, 40, 6) * 3
-    loc_t = torch.randn(2, 40, 4)
-    labels = torch.zeros(2, 40, dtype=torch.long)
+    loc, conf = torch.randn(2, 40, 4, device=device), torch.randn(2, 40, 6, device=device) * 3
+    loc_t = torch.randn(2, 40, 4, device=device)
+    labels = torch.zeros(2, 40, dtype=torch.long, device=device)
     labels[:, :5] = torch.randint(1, 6, (2, 5))
     criterion = MultiBoxLoss()
     ref = criterion(loc, conf, loc_t, labels)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         low = criterion(loc.bfloat16(), conf.bfloat16(), loc_t, labels)
     for key in ("loc", "conf"):
         assert low[key].dtype == torch.float32
