@@ -50,7 +50,9 @@ def test_post_processing_export_matches_pytorch_detection_for_detection(tmp_path
     assert [o.name for o in graph.graph.output] == ["boxes", "scores", "labels", "image_index"]
     metadata = {p.key: p.value for p in graph.metadata_props}
     assert json.loads(metadata["class_names"]) == ["a", "b", "c"] and metadata["image_size"] == "16"
-    assert json.loads(metadata["postprocess"]) == settings
+    assert metadata["num_classes"] == "4" and metadata["precision"] == "float32"
+    # every setting in effect, the defaults included
+    assert json.loads(metadata["postprocess"]) == {**settings, "variances": [0.1, 0.2], "clip": True}
     for batch in (1, 4):
         images = torch.rand(batch, 3, 16, 16) * 255
         got = run_onnx(path, images)
