@@ -1,6 +1,5 @@
 """The benchmark commands run end to end at tiny sizes (their numbers are measured elsewhere, not asserted)."""
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -8,7 +7,7 @@ import time
 
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 def test_train_and_distill_benchmarks_report_throughput_and_phases(tmp_path, run_script):
@@ -37,15 +36,8 @@ def test_end_to_end_eval_benchmark(tmp_path, run_script):
     assert re.search(r"total\s+[\d.]+ s\s+[\d.]+ images/s", done.stdout)
 
 
-def load_benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
-
-
 def test_gpu_busy_sampler_says_why_it_has_no_number():
-    benchmark = load_benchmark_script()
+    benchmark = load_script("benchmark")
     with benchmark.GpuBusySampler(torch.device("cpu")) as cpu:
         time.sleep(0.25)
     assert cpu.summary() == "n/a (no samples)"  # nothing is sampled on the CPU
@@ -62,7 +54,7 @@ def test_cuda_benchmark_script_runs_valid_commands():
     train = re.search(r'^train="(.*)"$', script, re.M).group(1)
     lines = [line.strip() for line in script.splitlines() if line.strip().startswith("$bench ")]
     assert len(lines) >= 8
-    parser = load_benchmark_script().build_parser()
+    parser = load_script("benchmark").build_parser()
     for line in lines:
         words = line.replace("$train", train).replace('"$workers"', "$workers").replace("$workers", "7")
         args = parser.parse_args(shlex.split(words)[1:])
