@@ -205,6 +205,9 @@ def quantize_onnx(
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
+    source = {p.key: p.value for p in onnx.load(str(float_path), load_external_data=False).metadata_props}
+    if source.get("producer") != "odkd" or source.get("precision", "float32") != "float32":
+        raise ValueError(f"{float_path}: not a float odkd export (scripts/export_onnx.py without --int8)")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -229,11 +232,10 @@ def quantize_onnx(
             nodes_to_exclude=excluded,
         )
     model = onnx.load(str(output))
-    metadata = {p.key: p.value for p in model.metadata_props}
-    if metadata.get("producer") != "odkd":
-        raise ValueError(f"{float_path}: not an odkd export (no producer: odkd in its metadata)")
-    float_part = "decode, softmax" + (", threshold/top-k/NMS" if json.loads(metadata["postprocess"]) else "")
+    metadata = {p.key: p.value for p in model.metadata_props}  # the float file's and onnxruntime's keys
     metadata["precision"] = "int8"
+    nms = json.loads(metadata["postprocess"]) is not None
+    float_part = "decode, softmax" + (", threshold/top-k/NMS" if nms else "")
     metadata["quantization"] = json.dumps(
         {
             "tool": f"onnxruntime {onnxruntime.__version__} quantize_static (after quant_pre_process)",

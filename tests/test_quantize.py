@@ -293,6 +293,8 @@ def test_only_the_convolutional_network_is_quantised(tmp_path):
             "preprocessing": "resize to 16 x 16, RGB 0-255",
         }
         assert ("heads' last convolutions" in info["float"]) == float_heads
+    with pytest.raises(ValueError, match="not a float odkd export"):  # quantised twice
+        quantize_onnx(path, tmp_path / "again.onnx", calibrated_on(images))
 
 
 def test_matched_detections_by_hand():
