@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from torchvision.ops import box_iou
 
 from odkd.boxes import cxcywh_to_xyxy, decode
+from odkd.data import DatasetError
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.export import DeployedDetector, export_onnx
 from odkd.losses import MultiBoxLoss
@@ -347,6 +348,10 @@ def test_calibration_images_from_a_folder(tmp_path):
         CalibrationImages.from_folder(tmp_path / "empty", 2, 16)
     with pytest.raises(ValueError, match="at least 1, got 0"):
         CalibrationImages.from_folder(tmp_path / "images", 0, 16)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cut.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
+    with pytest.raises(DatasetError, match=r"cut\.jpg: not a readable image"):  # named when it is read
+        CalibrationImages.from_folder(tmp_path / "broken", 1, 16)[0]
 
 
 def test_calibration_images_from_a_config(tmp_path):
