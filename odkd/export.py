@@ -10,8 +10,9 @@ RGB pixels. Two forms:
   (score threshold, per-class top-k, NMS, per-image cap): ``boxes`` (K, 4), ``scores`` (K,),
   ``labels`` (K,) and ``image_index`` (K,), ordered by image then decreasing score.
 
-The batch size is dynamic; the image size is the model's. Class names, the input size and the
-post-processing settings go into the ONNX file's metadata. NMS is ONNX's NonMaxSuppression with each
+The batch size is dynamic; the image size is the model's. Class names, the number of classes, the input
+size, the precision and the post-processing settings in effect go into the ONNX file's metadata
+(:mod:`odkd.quantize` makes the INT8 form of either). NMS is ONNX's NonMaxSuppression with each
 (image, class) as one of its batches, so an image's detections do not depend on its place in the batch.
 """
 
@@ -68,13 +69,16 @@ def export_onnx(
     program = onnx_program(deployed, {"images": torch.rand(2, 3, size, size) * 255}, outputs, opset)
     program.save(str(path))
     graph = onnx.load(str(path))
+    settings = {**postprocess_flat.__kwdefaults__, **postprocess_kwargs} if postprocess else None
     metadata = {
         "producer": "odkd",
         "arch": model.arch,
         "image_size": str(size),
         "input": "images: (batch, 3, H, W) float32 RGB pixels 0-255, H = W = image_size",
+        "num_classes": str(model.num_classes),
         "class_names": json.dumps(model.label_names),
-        "postprocess": json.dumps(postprocess_kwargs if postprocess else None),
+        "postprocess": json.dumps(settings),
+        "precision": "float32",
     }
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)

@@ -1,10 +1,12 @@
 """Running a detector: over a dataset (batched, with progress) or on single images (:class:`Predictor`).
-On CUDA: bf16 autocast and channels_last."""
+On CUDA: bf16 autocast and channels_last. Any :class:`BatchDetector` runs over a dataset the same way: a
+PyTorch model through :class:`Predictor`, an exported ONNX file through :class:`odkd.runtime.OnnxDetector`."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,7 +17,16 @@ from odkd.eval import ClassDetections
 from odkd.models import SSD
 from odkd.postprocess import Detections, postprocess
 
-__all__ = ["Predictor", "autocast_dtype", "detect", "detect_dataset"]
+__all__ = ["BatchDetector", "Predictor", "autocast_dtype", "detect", "detect_dataset"]
+
+
+class BatchDetector(Protocol):
+    """What :func:`detect_dataset` runs: ``image_size`` (S) and ``detect_batch(images (B, 3, S, S) uint8
+    RGB, on_cpu) -> one Detections per image`` with boxes x1,y1,x2,y2 relative to the image."""
+
+    image_size: int
+
+    def detect_batch(self, images: torch.Tensor, on_cpu: bool = False) -> list[Detections]: ...
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -26,19 +37,18 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def detect(
-    model: SSD, loader: torch.utils.data.DataLoader, device: torch.device, progress: bool = True, **postprocess_kwargs
+    detector: BatchDetector, loader: torch.utils.data.DataLoader, progress: bool = True
 ) -> Iterator[tuple[int, Detections]]:
     """Yield ``(dataset index, detections)`` for every image of ``loader`` (batches from
-    :func:`odkd.data.collate` with uint8 images); boxes relative to the image."""
-    predictor = Predictor(model, device, **postprocess_kwargs)
+    :func:`odkd.data.collate` with uint8 images); boxes relative to the image, on the CPU."""
     for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, leave=False):
-        yield from zip(batch["indices"].tolist(), predictor.detect_batch(batch["images"], on_cpu=True), strict=True)
+        yield from zip(batch["indices"].tolist(), detector.detect_batch(batch["images"], on_cpu=True), strict=True)
 
 
 def detect_dataset(
-    model: SSD,
+    model: SSD | BatchDetector,
     dataset: DetectionDataset,
-    device: torch.device,
+    device: torch.device | None = None,
     batch_size: int = 32,
     num_workers: int = 4,
     progress: bool = True,
@@ -46,12 +56,20 @@ def detect_dataset(
 ) -> dict[str, ClassDetections]:
     """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
     resize), grouped by class in the dataset's pixel coordinates (the VOC devkit's for VOC data), ready for
-    :func:`odkd.eval.evaluate_dataset`."""
+    :func:`odkd.eval.evaluate_dataset`.
+
+    ``model``: an :class:`SSD`, run by a :class:`Predictor` on ``device`` (default CPU) with
+    ``postprocess_kwargs``; or any :class:`BatchDetector` (e.g. an exported file), which brings its own
+    device and post-processing settings."""
+    if isinstance(model, SSD):
+        model = Predictor(model, device or torch.device("cpu"), **postprocess_kwargs)
+    elif postprocess_kwargs or device is not None:
+        raise ValueError("device and post-processing settings are an SSD's; a BatchDetector holds its own")
     dataset = copy.copy(dataset)  # same annotations, the eval transform
     dataset.transform = build_transform(False, model.image_size)
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
-    for index, det in detect(model, loader, device, progress, **postprocess_kwargs):
+    for index, det in detect(model, loader, progress):
         image_id = dataset.annotations[index].image_id
         boxes = dataset.to_pixels(det.boxes, index)
         scores, labels = det.scores.numpy(), det.labels.numpy()
@@ -80,6 +98,7 @@ class Predictor:
 
     def __init__(self, model: SSD, device: torch.device, **postprocess_kwargs) -> None:
         self.model = model.eval().to(device)
+        self.image_size = model.image_size
         self.device, self.dtype = device, autocast_dtype(device)
         # channels_last on CUDA through the input alone (cuDNN then runs NHWC kernels): converting the
         # weights would change the layout of a model being trained (the trainer evaluates its own).

@@ -9,7 +9,15 @@ from torchvision.ops import batched_nms
 
 from odkd.boxes import DEFAULT_VARIANCES, decode
 
-__all__ = ["Detections", "FlatDetections", "nms_rows", "postprocess", "postprocess_flat"]
+__all__ = [
+    "Detections",
+    "FlatDetections",
+    "nms_rows",
+    "postprocess",
+    "postprocess_flat",
+    "select_detections",
+    "split_by_image",
+]
 
 
 class Detections(NamedTuple):
@@ -42,7 +50,8 @@ def postprocess_flat(
     variances: tuple[float, float] = DEFAULT_VARIANCES,
     clip: bool = True,
 ) -> FlatDetections:
-    """The detections of a batch as :class:`FlatDetections` (arguments as :func:`postprocess`).
+    """The detections of a batch as :class:`FlatDetections` (arguments as :func:`postprocess`): decode and
+    softmax, then :func:`select_detections`.
 
     Tensor operations only (no host round trip), so the same code runs inside an exported ONNX graph.
     """
@@ -55,16 +64,39 @@ def postprocess_flat(
     boxes = decode(loc.float(), priors.to(loc.device), variances)  # (B, P, 4)
     if clip:
         boxes = boxes.clamp(0.0, 1.0)
-    scores = conf.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # (B, C-1, P)
+    return select_detections(
+        boxes,
+        conf.float().softmax(dim=-1),
+        score_threshold=score_threshold,
+        top_k=top_k,
+        nms_threshold=nms_threshold,
+        max_detections=max_detections,
+    )
+
+
+def select_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    score_threshold: float = 0.01,
+    top_k: int = 200,
+    nms_threshold: float = 0.45,
+    max_detections: int = 200,
+) -> FlatDetections:
+    """Score threshold, per-class top-k, NMS and the per-image cap (as :func:`postprocess`) on decoded
+    ``boxes`` ``(B, P, 4)`` x1,y1,x2,y2 and class probabilities ``scores`` ``(B, P, C)`` (column 0 =
+    background, ignored): what an exported model without post-processing returns."""
+    batch, num_priors, num_classes = scores.shape
+    scores = scores[..., 1:].transpose(1, 2)  # (B, C-1, P)
 
     # Per image and class, the top-k priors by score: one row of candidates per (image, class).
     k = min(top_k, num_priors)
     top_scores, top_prior = scores.topk(k, dim=2)  # (B, C-1, k)
     cand_boxes = boxes.gather(1, top_prior.reshape(batch, -1, 1).expand(-1, -1, 4)).reshape(-1, 4)
     cand_scores = top_scores.reshape(-1)
-    class_ids = torch.arange(1, num_classes, device=conf.device)
+    class_ids = torch.arange(1, num_classes, device=scores.device)
     cand_labels = class_ids.repeat_interleave(k).repeat(batch)
-    cand_images = torch.arange(batch, device=conf.device).repeat_interleave((num_classes - 1) * k)
+    cand_images = torch.arange(batch, device=scores.device).repeat_interleave((num_classes - 1) * k)
     kept = nms_rows(cand_boxes.reshape(-1, k, 4), top_scores.reshape(-1, k), nms_threshold, score_threshold)
 
     # By decreasing score, then by (image, position): grouped by image, by decreasing score within each.
@@ -78,6 +110,14 @@ def postprocess_flat(
     rank_in_image = position - first_of_image[images]
     kept = kept[rank_in_image < max_detections]
     return FlatDetections(cand_boxes[kept], cand_scores[kept], cand_labels[kept], cand_images[kept])
+
+
+def split_by_image(flat: FlatDetections, batch: int) -> list[Detections]:
+    """A batch's :class:`FlatDetections` -> one :class:`Detections` per image (``batch`` of them, empty
+    ones included)."""
+    sizes = torch.bincount(flat.image_index, minlength=batch).tolist()
+    per_image = (flat.boxes.split(sizes), flat.scores.split(sizes), flat.labels.split(sizes))
+    return [Detections(*parts) for parts in zip(*per_image, strict=True)]
 
 
 @torch.library.custom_op("odkd::nms_rows", mutates_args=())
@@ -131,6 +171,4 @@ def postprocess(
     flat = postprocess_flat(loc, conf, priors, **kwargs)
     if on_cpu:
         flat = FlatDetections(*(t.cpu() for t in flat))
-    sizes = torch.bincount(flat.image_index, minlength=conf.shape[0]).tolist()
-    per_image = (flat.boxes.split(sizes), flat.scores.split(sizes), flat.labels.split(sizes))
-    return [Detections(*parts) for parts in zip(*per_image, strict=True)]
+    return split_by_image(flat, conf.shape[0])

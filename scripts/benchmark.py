@@ -7,6 +7,7 @@ python scripts/benchmark.py train     # training throughput: images/s, peak memo
 python scripts/benchmark.py distill   # the same for distillation (student + frozen teacher + distillers)
 python scripts/benchmark.py loader    # the training data pipeline alone
 python scripts/benchmark.py demo      # accuracy: the CPU demo to convergence (distillers: scripts/compare.py)
+python scripts/benchmark.py onnx --checkpoint CKPT   # CPU latency: PyTorch, onnxruntime float32 and INT8
 """
 
 from __future__ import annotations
@@ -534,6 +535,15 @@ class GpuBusySampler:
         return f"median {statistics.median(steady):.0f}%, mean {statistics.mean(steady):.0f}% of {len(steady)} samples"
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (lscpu's), else what Python's platform module says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -564,6 +574,82 @@ def bench_demo(args: argparse.Namespace) -> None:
     )
     print(f"{cfg.eval.metric} mAP by iteration: {curve}")
     print(f"final mAP {100 * result.last_map:.2f}, best {100 * result.best_map:.2f}")
+
+
+def _interleaved_ms(fns: dict[str, Callable[[], object]], iters: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each function in milliseconds, the functions called in turn at every iteration
+    so that a load that comes and goes on the machine slows them alike and their ratios hold."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_onnx(args: argparse.Namespace) -> None:
+    """CPU inference of one model as PyTorch eager float32, onnxruntime float32 and onnxruntime INT8 (the
+    default quantisation and the other choice of float heads), at each batch size and thread count. All
+    compute the same thing: preprocessing, network, box decoding and softmax (no NMS)."""
+    import onnxruntime
+
+    from odkd.checkpoint import load_model
+    from odkd.export import DeployedDetector, export_onnx
+    from odkd.quantize import DEFAULT_FLOAT_HEADS, CalibrationImages, quantize_onnx
+    from odkd.runtime import OnnxDetector
+
+    model = load_model(args.checkpoint).eval()
+    size = model.image_size
+    if args.calibration_config:
+        calibration = CalibrationImages.from_config(args.calibration_config, args.calibration, size)
+    elif args.calibration_images:
+        calibration = CalibrationImages.from_folder(args.calibration_images, args.calibration, size)
+    else:  # the speed of the INT8 graph does not depend on its ranges
+        noise = torch.Generator().manual_seed(0)
+        calibration = CalibrationImages(
+            lambda i: torch.randint(0, 256, (3, size, size), generator=noise, dtype=torch.uint8),
+            args.calibration,
+            args.calibration,
+            f"{args.calibration} random images (timing only)",
+        )
+    heads = {DEFAULT_FLOAT_HEADS: "default", not DEFAULT_FLOAT_HEADS: "other choice"}
+    with tempfile.TemporaryDirectory() as folder:
+        float_path = export_onnx(model, Path(folder) / "float.onnx")
+        files = {"onnxruntime float32": float_path}
+        for float_heads in (DEFAULT_FLOAT_HEADS, not DEFAULT_FLOAT_HEADS):
+            name = f"onnxruntime INT8, {'float' if float_heads else 'int8'} heads ({heads[float_heads]})"
+            files[name] = quantize_onnx(float_path, Path(folder) / f"int8_{float_heads}.onnx", calibration, float_heads)
+        print(
+            f"CPU inference of {args.checkpoint} ({model.arch}, {size} px, {model.num_classes} classes): "
+            f"preprocessing + network + decode + softmax, no NMS; INT8 calibrated on {calibration.description}; "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {_cpu_name()}"
+        )
+        print(f"median of {args.iters} interleaved runs after {args.warmup}; ratio = onnxruntime float32 ms / ms")
+        print(f"{'threads':>7}{'batch':>6}  {'engine':<42}{'ms/image':>10}{'images/s':>10}{'ratio':>7}")
+        deployed = DeployedDetector(model).eval()
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sessions = {name: OnnxDetector(path, threads) for name, path in files.items()}
+            for batch in args.batches:
+                images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)) * 255
+                array = images.numpy()
+
+                def eager(images: torch.Tensor = images) -> None:
+                    with torch.inference_mode():
+                        deployed(images)
+
+                fns = {"PyTorch eager float32": eager}
+                fns.update({name: (lambda s=session, a=array: s.run(a)) for name, session in sessions.items()})
+                times = _interleaved_ms(fns, args.iters, args.warmup)
+                for name, ms in times.items():
+                    ratio = times["onnxruntime float32"] / ms
+                    print(
+                        f"{threads:>7}{batch:>6}  {name:<42}{ms / batch:>10.2f}{1000 * batch / ms:>10.1f}{ratio:>7.2f}"
+                    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +722,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is present")
     demo.add_argument("overrides", nargs="*", help="more config overrides, section.key=value")
     demo.set_defaults(run=bench_demo)
+    onnx = sub.add_parser("onnx", help="CPU latency: PyTorch eager, onnxruntime float32 and INT8")
+    onnx.add_argument("--checkpoint", required=True, help="odkd model file or training checkpoint")
+    onnx.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    onnx.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    onnx.add_argument("--iters", type=int, default=20)
+    onnx.add_argument("--warmup", type=int, default=3)
+    onnx.add_argument("--calibration", type=int, default=32, help="INT8 calibration images")
+    source = onnx.add_mutually_exclusive_group()
+    source.add_argument("--calibration-config", help="calibrate on this config's training set (default: random)")
+    source.add_argument("--calibration-images", help="calibrate on the images in this folder (default: random)")
+    onnx.set_defaults(run=bench_onnx)
     return parser
 
 

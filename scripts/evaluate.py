@@ -12,6 +12,12 @@ writes the devkit result files to --detections, and scores those files the same 
         --detections runs/x/results --pr-curves runs/x/pr.png --draw 16
     python scripts/evaluate.py --config configs/demo_teacher_synthetic.yaml --checkpoint runs/demo_teacher/best.pt
 
+From an exported ONNX file (``scripts/export_onnx.py``: float or INT8, with or without NMS in the graph), run
+by onnxruntime on the CPU and scored by the same code, so the accuracy is that of the file you ship:
+
+    python scripts/evaluate.py --onnx student_int8.onnx --config configs/demo_teacher_synthetic.yaml
+    python scripts/evaluate.py --onnx student.onnx --coco-json instances_val2017.json --coco-images val2017/
+
 COCO-format data (``--coco-json``, or a config with ``data.format: coco``): ``--detections`` is a COCO results
 file (a JSON list of image_id, category_id, bbox, score), scored as it is or written from a model first:
 
@@ -44,31 +50,37 @@ from odkd.eval import (
 
 
 def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
-    """The detections of ``--checkpoint`` on ``dataset`` (batched, bf16 on CUDA), grouped by class in the
-    dataset's pixels; optionally a grid of images with their detections."""
-    import torch
-
-    from odkd.checkpoint import load_model
+    """The detections of ``--checkpoint`` (batched, bf16 on CUDA) or ``--onnx`` (onnxruntime, CPU) on
+    ``dataset``, grouped by class in the dataset's pixels; optionally a grid of images with their detections."""
     from odkd.inference import detect_dataset
 
-    model = load_model(args.checkpoint)
+    eval_cfg = args.eval_cfg
+    settings = {
+        "score_threshold": eval_cfg.score_threshold,
+        "nms_threshold": eval_cfg.nms_threshold,
+        "top_k": eval_cfg.top_k,
+        "max_detections": eval_cfg.max_detections,
+    }
+    if args.onnx is not None:
+        from odkd.runtime import OnnxDetector
+
+        model, settings, device = OnnxDetector(args.onnx, **settings), {}, None
+        where = "in the graph" if model.in_graph else "odkd's (the graph has none)"
+        print(f"{args.onnx}: {model.precision}, onnxruntime on the CPU; post-processing {where}: {model.settings}")
+    else:
+        import torch
+
+        from odkd.checkpoint import load_model
+
+        model = load_model(args.checkpoint)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model.num_classes != len(dataset.class_names) + 1:
         raise ValueError(
-            f"{args.checkpoint} predicts {model.num_classes - 1} classes but the class list has "
+            f"{args.model_file} predicts {model.num_classes - 1} classes but the class list has "
             f"{len(dataset.class_names)}: pass --classes (or --config) with the classes it was trained on"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    eval_cfg = args.eval_cfg
     detections = detect_dataset(
-        model,
-        dataset,
-        device,
-        batch_size=eval_cfg.batch_size,
-        num_workers=args.workers,
-        score_threshold=eval_cfg.score_threshold,
-        nms_threshold=eval_cfg.nms_threshold,
-        top_k=eval_cfg.top_k,
-        max_detections=eval_cfg.max_detections,
+        model, dataset, device, batch_size=eval_cfg.batch_size, num_workers=args.workers, **settings
     )
     if args.draw:
         draw_grid(dataset, detections, args)
@@ -125,10 +137,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detections", type=Path, help="folder of devkit result files (written in model mode)")
     parser.add_argument("--checkpoint", type=Path, help="model mode: an odkd model file or training checkpoint")
+    parser.add_argument("--onnx", type=Path, help="model mode: an exported .onnx file (float or INT8), onnxruntime")
     parser.add_argument("--config", type=Path, help="model mode: take data and eval settings from this config")
     parser.add_argument("--voc-root", type=Path, help="the folder that contains VOC<year>/")
     parser.add_argument("--coco-json", type=Path, help="COCO mode: the ground-truth annotation file")
-    parser.add_argument("--coco-images", type=Path, help="COCO mode with --checkpoint: the folder of its images")
+    parser.add_argument("--coco-images", type=Path, help="COCO mode with a model: the folder of its images")
     parser.add_argument("--year", help="e.g. 2007")
     parser.add_argument("--image-set", help="e.g. test, val")
     parser.add_argument(
@@ -148,7 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draw", type=int, default=0, help="model mode: draw the first N images' detections")
     parser.add_argument("--draw-threshold", type=float, default=0.3, help="least score drawn")
     parser.add_argument("--draw-output", type=Path, help="grid picture path (default: DETECTIONS/detections.jpg)")
-    parser.add_argument("--device", choices=["cuda", "cpu"])
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="--checkpoint's (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=4, help="data loader workers in model mode")
     args = parser.parse_args(argv)
 
@@ -165,8 +178,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.ignore_classes = tuple(name.strip() for name in args.ignore_classes.split(",") if name.strip())
     elif cfg is not None:
         args.ignore_classes = cfg.data.ignore_classes
-    if args.checkpoint is None and (args.detections is None or args.draw):
-        parser.error("without --checkpoint, --detections must name the detections to score (and --draw needs a model)")
+    if args.checkpoint is not None and args.onnx is not None:
+        parser.error("give one model: --checkpoint (PyTorch) or --onnx (an exported file)")
+    if args.onnx is not None and args.device is not None:
+        parser.error("--device is for --checkpoint: an --onnx file runs on onnxruntime's CPU provider")
+    args.model_file = args.checkpoint or args.onnx
+    if args.model_file is None and (args.detections is None or args.draw):
+        parser.error(
+            "without --checkpoint or --onnx, --detections must name the detections to score (and --draw needs a model)"
+        )
     return _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
 
 
@@ -186,7 +206,7 @@ def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) ->
     sets = parse_image_sets(args.image_sets)
     args.set_name = sets[0][1] if len(sets) == 1 else args.image_sets
     if args.detections is None:
-        args.detections = args.checkpoint.parent / f"results_{args.checkpoint.stem}"
+        args.detections = args.model_file.parent / f"results_{args.model_file.stem}"
     return args
 
 
@@ -199,18 +219,18 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
         parser.error("--ignore-classes is for VOC data (COCO leaves out the categories outside --classes)")
     if args.coco_json is None:
         parser.error("COCO mode needs --coco-json (or a --config with data.coco.test_json)")
-    if args.checkpoint is not None and args.coco_images is None:
+    if args.model_file is not None and args.coco_images is None:
         parser.error("running a model on COCO data needs --coco-images (or data.coco.test_images)")
     if args.detections is None:
-        args.detections = args.checkpoint.parent / f"results_{args.checkpoint.stem}.json"
+        args.detections = args.model_file.parent / f"results_{args.model_file.stem}.json"
     return args
 
 
 def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
-    """VOC mode: run the model and write the devkit result files (with --checkpoint), then score them."""
+    """VOC mode: run the model and write the devkit result files (with --checkpoint or --onnx), then score them."""
     # annotations only, no image read
     dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names, ignore_classes=args.ignore_classes)
-    if args.checkpoint is not None:
+    if args.model_file is not None:
         paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
         print(f"wrote {len(paths)} result files to {args.detections}")
     detections = read_devkit_results(args.detections, args.set_name, args.class_names)
@@ -218,11 +238,12 @@ def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
 
 
 def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
-    """COCO mode: run the model and write its results file (with --checkpoint), then score the results file."""
+    """COCO mode: run the model and write its results file (with --checkpoint or --onnx), then score the
+    results file."""
     from odkd.data.coco import COCODataset
 
     dataset = COCODataset(args.coco_json, args.coco_images or args.coco_json.parent, args.class_names)
-    if args.checkpoint is not None:
+    if args.model_file is not None:
         print(f"wrote {write_coco_results(run_model(args, dataset), dataset, args.detections)}")
     return evaluate_dataset(read_coco_results(args.detections, dataset), dataset, args.metric)
 

@@ -2,6 +2,8 @@
 
     python scripts/export_onnx.py --checkpoint runs/distill/best.pt --output student.onnx
     python scripts/export_onnx.py --checkpoint runs/distill/best.pt --output student_nms.onnx --with-postprocess
+    python scripts/export_onnx.py --checkpoint runs/distill/best.pt --output student_int8.onnx --int8 \
+        --calibration-config configs/distill_vgg16_lite300_to_mbv2.yaml [--calibration 300]
 
 The graph takes ``images``: (batch, 3, S, S) float32 RGB pixels 0-255 (the model's preprocessing is in
 the graph; S is the model's input size, e.g. 300; the batch size is dynamic). Outputs:
@@ -12,9 +14,17 @@ the graph; S is the model's input size, e.g. 300; the batch size is dynamic). Ou
   (1 = the first class) and ``image_index`` (K,) int64, per image in decreasing score order, after the
   score threshold, per-class top-k, NMS and the per-image cap given here.
 
+``--int8``: onnxruntime's static quantisation (QDQ; weights int8 per output channel, activations uint8),
+calibrated on N images (``--calibration``, default 300) of a config's training set (``--calibration-config``,
+without augmentation) or of a folder (``--calibration-images``), resized to S x S as the evaluation does.
+The inputs and outputs are the float export's; the box decoding, softmax and NMS stay float
+(:mod:`odkd.quantize`).
+
 Only the detector is exported: distillation adapters and the teacher in a training checkpoint are left
-out. Class names, the input size and the post-processing settings are in the file's metadata. Unless
-``--no-check``, onnxruntime runs the network on random images and it is compared with PyTorch.
+out. Class names, the input size, the precision (and for INT8 how it was calibrated) and the
+post-processing settings are in the file's metadata. Unless ``--no-check``, onnxruntime runs the float
+network on random images and it is compared with PyTorch; an INT8 file's detections on calibration images
+are compared with PyTorch's float ones.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +41,16 @@ import torch
 
 from odkd.checkpoint import load_model
 from odkd.export import DeployedDetector, export_onnx
+from odkd.inference import Predictor
 from odkd.models import SSD
+from odkd.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_FLOAT_HEADS,
+    CalibrationImages,
+    export_int8,
+    matched_detections,
+)
+from odkd.runtime import OnnxDetector
 
 
 def check(path: Path, model: SSD, settings: dict, batch: int = 2) -> str:
@@ -78,7 +98,23 @@ def _same_detections(got: list[np.ndarray], expected: list[np.ndarray]) -> int:
     return same
 
 
-def main() -> None:
+def check_int8(path: Path, model: SSD, calibration: CalibrationImages, settings: dict, count: int = 8) -> str:
+    """The INT8 file's detections against PyTorch's float ones on the first ``count`` calibration images:
+    how many confident float detections (score >= 0.5) the file also finds (same class, IoU >= 0.5)."""
+    images = torch.stack([calibration[i] for i in range(min(count, len(calibration)))])
+    expected = Predictor(model, torch.device("cpu"), **settings).detect_batch(images, on_cpu=True)
+    got = OnnxDetector(path, **settings).detect_batch(images)
+    found, total = matched_detections(expected, got, min_score=0.5, min_iou=0.5)
+    return f"{found} of {total} float detections with score >= 0.5 on {len(images)} calibration images found"
+
+
+def calibration_images(args: argparse.Namespace, image_size: int) -> CalibrationImages:
+    if args.calibration_config is not None:
+        return CalibrationImages.from_config(args.calibration_config, args.calibration, image_size)
+    return CalibrationImages.from_folder(args.calibration_images, args.calibration, image_size)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="odkd model file or training checkpoint")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
@@ -89,7 +125,25 @@ def main() -> None:
     parser.add_argument("--max-detections", type=int, default=200, help="per image")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    args = parser.parse_args()
+    parser.add_argument("--int8", action="store_true", help="INT8 static quantisation (onnxruntime, QDQ)")
+    parser.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="--int8: images used")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--calibration-config", type=Path, help="--int8: calibrate on this config's training set")
+    source.add_argument("--calibration-images", type=Path, help="--int8: calibrate on the images in this folder")
+    parser.add_argument(
+        "--float-heads",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_FLOAT_HEADS,
+        help="--int8: keep the heads' last convolutions (box regressions, class logits) float",
+    )
+    args = parser.parse_args(argv)
+    calibrating = args.calibration_config is not None or args.calibration_images is not None
+    if args.int8 and not calibrating:
+        parser.error("--int8 needs calibration images: --calibration-config CONFIG or --calibration-images FOLDER")
+    if calibrating and not args.int8:
+        parser.error("--calibration-config / --calibration-images calibrate an --int8 export")
+    if args.calibration < 1:
+        parser.error(f"--calibration must be at least 1 image, got {args.calibration}")
     settings = {}
     if args.with_postprocess:
         settings = {
@@ -100,17 +154,28 @@ def main() -> None:
         }
     try:
         model = load_model(args.checkpoint)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        if args.int8:
+            calibration = calibration_images(args, model.image_size)
+            print(f"calibrating on {calibration.description}")
+            path = export_int8(
+                model, args.output, calibration, args.with_postprocess, args.opset, args.float_heads, **settings
+            )
+        else:
+            path = export_onnx(model, args.output, args.with_postprocess, args.opset, **settings)
+    except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
-    path = export_onnx(model, args.output, args.with_postprocess, args.opset, **settings)
     outputs = "boxes, scores, labels, image_index" if args.with_postprocess else "boxes, scores"
     print(
-        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {model.arch}, input images (batch, 3, "
-        f"{model.image_size}, {model.image_size}) RGB 0-255, outputs {outputs}"
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {'int8' if args.int8 else 'float32'}): {model.arch}, "
+        f"input images (batch, 3, {model.image_size}, {model.image_size}) RGB 0-255, outputs {outputs}"
     )
     names = json.dumps(list(model.class_names)) if model.class_names else "none stored in the model file"
     print(f"classes (labels 1..{model.num_classes - 1}): {names}")
-    if not args.no_check:
+    if args.no_check:
+        return
+    if args.int8:
+        print(f"INT8 (onnxruntime) vs float (PyTorch): {check_int8(path, model, calibration, settings)}")
+    else:
         print(f"onnxruntime vs PyTorch on random images: {check(path, model, settings)}")
 
 

@@ -1,12 +1,13 @@
 """The benchmark commands run end to end at tiny sizes (their numbers are measured elsewhere, not asserted)."""
 
-import importlib.util
 import re
 import time
 
 import torch
 
-from tests.conftest import ROOT
+from odkd.checkpoint import save_model
+from odkd.models import build_model
+from tests.conftest import ROOT, load_script
 
 
 def test_train_and_distill_benchmarks_report_throughput_and_phases(tmp_path, run_script):
@@ -35,15 +36,31 @@ def test_end_to_end_eval_benchmark(tmp_path, run_script):
     assert re.search(r"total\s+[\d.]+ s\s+[\d.]+ images/s", done.stdout)
 
 
-def load_benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
+def test_onnx_benchmark_times_every_engine(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5), tmp_path / "m.pt")
+    parser = load_script("benchmark").build_parser()
+    args = parser.parse_args(
+        ["onnx", "--checkpoint", str(tmp_path / "m.pt"), "--batches", "1", "2", "--threads", "1", "--iters", "1",
+         "--warmup", "0", "--calibration", "2"]
+    )  # fmt: skip
+    args.run(args)
+    out = capsys.readouterr().out
+    assert "INT8 calibrated on 2 random images (timing only)" in out
+    rows = re.findall(r"^\s+1\s+(\d)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    engines = ["PyTorch eager float32", "onnxruntime float32", "onnxruntime INT8, int8 heads (default)",
+               "onnxruntime INT8, float heads (other choice)"]  # fmt: skip
+    assert [(batch, engine) for batch, engine, *_ in rows] == [(b, e) for b in "12" for e in engines]
+    for _, engine, ms, per_s, ratio in rows:
+        # images/s = 1000 / (ms per image), each printed rounded: per_s by <= 0.05, ms by <= 0.005, which
+        # moves 1000 / ms by <= 1000 x 0.005 / (ms - 0.005)^2
+        assert abs(float(per_s) - 1000 / float(ms)) <= 0.05 + 5 / (float(ms) - 0.005) ** 2
+        if engine == "onnxruntime float32":
+            assert ratio == "1.00"
 
 
 def test_gpu_busy_sampler_says_why_it_has_no_number():
-    benchmark = load_benchmark_script()
+    benchmark = load_script("benchmark")
     with benchmark.GpuBusySampler(torch.device("cpu")) as cpu:
         time.sleep(0.25)
     assert cpu.summary() == "n/a (no samples)"  # nothing is sampled on the CPU

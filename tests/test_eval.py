@@ -1,6 +1,5 @@
 """PASCAL VOC evaluation: hand-computed cases, vectorised == loop, result files, and real devkit numbers."""
 
-import importlib.util
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from odkd.eval import (
     results_path,
     write_devkit_results,
 )
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT.parent / "shared" / "reference" / "voc07_val_eval_case"
@@ -316,9 +316,7 @@ def test_devkit_numbers_through_the_script(devkit_case, run_script, metric):
 
 def test_script_reports_bad_input_in_one_line(tmp_path, monkeypatch):
     # In-process: a subprocess would spend seconds importing torch for one error line.
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("evaluate")
     args = ["--detections", tmp_path, "--voc-root", tmp_path / "nowhere", "--year", "2007", "--image-set", "val"]
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
     with pytest.raises(SystemExit) as exited:

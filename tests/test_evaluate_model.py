@@ -1,13 +1,21 @@
-"""scripts/evaluate.py in model mode: run a model, write devkit files, score them, draw pictures."""
+"""scripts/evaluate.py in model mode: run a model (PyTorch or an exported ONNX file), write devkit or COCO
+result files, score them, draw pictures."""
 
 import json
+from pathlib import Path
 
 import cv2
+import numpy as np
+import pytest
 import torch
 
 from odkd.checkpoint import save_model
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data import VOCDataset, read_image
+from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.export import export_onnx
+from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
+from tests.conftest import load_script
 
 
 def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):
@@ -40,3 +48,98 @@ def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):
     six = ",".join([*SYNTHETIC_CLASSES, "extra"])
     done = run_script("evaluate.py", "--config", config, "--checkpoint", tmp_path / "m.pt", "--classes", six)
     assert done.returncode == 1 and "predicts 5 classes but the class list has 6" in done.stderr
+
+
+def random_detector() -> torch.nn.Module:
+    """A random x0.5 student with BatchNorm statistics of random images: with the initial statistics every
+    activation vanishes after a few blocks and every score is ~1/6, ties everywhere."""
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5)
+    model.class_names = SYNTHETIC_CLASSES
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average of the batches
+    with torch.no_grad():
+        for seed in range(2):
+            model(model.normalize(torch.rand(4, 3, 300, 300, generator=torch.Generator().manual_seed(seed)) * 255))
+    return model.eval()
+
+
+def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -> None:
+    """Make each test image's objects its two best detections by ``model`` (rounded to whole pixels), in
+    the VOC and the COCO copy of the set: a random model then has an AP between 0 and 1, with true and
+    false positives interleaved in its ranking."""
+    predictor = Predictor(model, torch.device("cpu"), **settings)
+    data = json.loads(coco.read_text())
+    category = {c["name"]: c["id"] for c in data["categories"]}
+    data["annotations"] = []
+    for image_id in (voc / "ImageSets" / "Main" / "test.txt").read_text().split():
+        image = read_image(voc / "JPEGImages" / f"{image_id}.jpg")
+        det = predictor(image)
+        objects = [
+            (SYNTHETIC_CLASSES[int(label) - 1], tuple(int(v) for v in box.round()), False)
+            for box, label in zip(det.boxes[:2], det.labels[:2], strict=True)
+        ]
+        height, width = image.shape[:2]
+        (voc / "Annotations" / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
+        for name, (x1, y1, x2, y2), _ in objects:
+            data["annotations"].append(
+                {"id": len(data["annotations"]) + 1, "image_id": int(image_id) + 1, "category_id": category[name],
+                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            )  # fmt: skip
+    coco.write_text(json.dumps(data))
+
+
+def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
+    """evaluate.py --onnx on the float export gives the AP of evaluate.py --checkpoint, with odkd's NMS
+    after the file (VOC data, devkit AP) and with NMS in the file (COCO data, pycocotools AP).
+
+    The file computes the network to float32 rounding (1e-5, test_export.py), NMS is exact on both sides
+    and the AP code is shared, so the APs are equal when no two detections of a class score within 2e-5
+    of each other (checked here: a swap could reorder the ranking) and no IoU lies within rounding of a
+    threshold (not checked: probability ~1e-5 per pair)."""
+    make_synthetic_voc(tmp_path / "voc", {"test": 3}, seed=7, min_size=100, max_size=160)
+    make_synthetic_coco(tmp_path / "coco", {"test": 3}, seed=7, min_size=100, max_size=160)  # the same images
+    model = random_detector()
+    save_model(model, tmp_path / "m.pt")
+    settings = {"score_threshold": 0.2, "top_k": 10, "max_detections": 10}
+    coco_json = tmp_path / "coco/annotations/instances_test.json"
+    annotate_with_own_detections(model, tmp_path / "voc" / "VOCSYN", coco_json, settings)
+    voc, coco = tmp_path / "voc.yaml", tmp_path / "coco.yaml"  # YAML reads JSON
+    voc_data = {"voc_root": str(tmp_path / "voc"), "test_sets": "SYN_test", "classes": "synthetic"}
+    voc.write_text(json.dumps({"data": voc_data, "eval": {**settings, "metric": "voc07"}}))
+    images = str(tmp_path / "coco/images")
+    files = {"train_json": str(coco_json), "train_images": images, "test_json": str(coco_json), "test_images": images}
+    coco_data = {"format": "coco", "classes": "synthetic", "coco": files}
+    coco.write_text(json.dumps({"data": coco_data, "eval": {**settings, "metric": "coco"}}))
+    dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
+    for name, detections in detect_dataset(model, dataset, num_workers=0, progress=False, **settings).items():
+        assert len(detections.scores) == 0 or (np.diff(np.sort(detections.scores)) > 2e-5).all(), name
+
+    evaluate = load_script("evaluate")
+    for config, postprocess in ((voc, False), (coco, True)):
+        onnx_path = export_onnx(
+            model, tmp_path / f"m_{postprocess}.onnx", postprocess, **(settings if postprocess else {})
+        )
+        results = {}
+        for flag, path in (("--checkpoint", tmp_path / "m.pt"), ("--onnx", onnx_path)):
+            out = tmp_path / f"{flag[2:]}_{postprocess}"
+            detections = out / ("r.json" if postprocess else "r")
+            evaluate.main([str(a) for a in ("--config", config, flag, path, "--detections", detections,
+                                            "--output-json", out / "ap.json", "--workers", 0)])  # fmt: skip
+            results[flag] = json.loads((out / "ap.json").read_text())
+        assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in (
+            capsys.readouterr().out
+        )
+        assert results["--onnx"] == results["--checkpoint"]
+        assert 0 < results["--onnx"]["mAP"] < 1  # true and false positives
+
+    # Bad arguments: two models, --device with an ONNX file, a file that is not there.
+    for argv, message in (
+        (["--checkpoint", "m.pt", "--onnx", "m.onnx"], "give one model"),
+        (["--onnx", "m.onnx", "--device", "cpu"], "--device is for --checkpoint"),
+        (["--onnx", tmp_path / "nowhere.onnx"], "nowhere.onnx does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            evaluate.main([str(a) for a in ("--config", voc, *argv)])
+        assert message in (str(exited.value.code) + capsys.readouterr().err)

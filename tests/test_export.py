@@ -3,6 +3,7 @@
 import json
 import re
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime
@@ -16,6 +17,7 @@ from odkd.checkpoint import save_model
 from odkd.export import DeployedDetector, export_onnx, onnx_program
 from odkd.models import build_model
 from odkd.postprocess import nms_rows, postprocess_flat
+from tests.conftest import load_script
 
 
 def run_onnx(path, images: torch.Tensor, **inputs: torch.Tensor) -> list[np.ndarray]:
@@ -50,7 +52,9 @@ def test_post_processing_export_matches_pytorch_detection_for_detection(tmp_path
     assert [o.name for o in graph.graph.output] == ["boxes", "scores", "labels", "image_index"]
     metadata = {p.key: p.value for p in graph.metadata_props}
     assert json.loads(metadata["class_names"]) == ["a", "b", "c"] and metadata["image_size"] == "16"
-    assert json.loads(metadata["postprocess"]) == settings
+    assert metadata["num_classes"] == "4" and metadata["precision"] == "float32"
+    # every setting in effect, the defaults included
+    assert json.loads(metadata["postprocess"]) == {**settings, "variances": [0.1, 0.2], "clip": True}
     for batch in (1, 4):
         images = torch.rand(batch, 3, 16, 16) * 255
         got = run_onnx(path, images)
@@ -88,6 +92,40 @@ def test_export_script(tmp_path, run_script):
     assert re.search(r"\d+ of \d+ PyTorch detections identical in onnxruntime", done.stdout)
     missing = run_script("export_onnx.py", "--checkpoint", tmp_path / "nowhere.pt", "--output", tmp_path / "x.onnx")
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_int8_export_script(tmp_path, run_script, capsys):
+    torch.manual_seed(0)
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5), tmp_path / "student.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.jpg"), np.random.default_rng(i).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    common = ["--checkpoint", tmp_path / "student.pt", "--output", tmp_path / "int8.onnx"]
+    done = run_script("export_onnx.py", *common, "--int8", "--calibration", 2, "--calibration-images", folder)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"calibrating on 2 of the 3 images in {folder}" in done.stdout and "MiB, int8)" in done.stdout
+    assert re.search(r"INT8 \(onnxruntime\) vs float \(PyTorch\): \d+ of \d+ float detections", done.stdout)
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}
+    assert metadata["precision"] == "int8"
+    assert json.loads(metadata["quantization"])["calibration"]["images"] == 2
+
+    # Bad arguments (usage error, exit 2) and calibration data (one line "error: ..."), in-process.
+    script = load_script("export_onnx")
+    (tmp_path / "empty").mkdir()
+    nowhere, empty, config = tmp_path / "nowhere", tmp_path / "empty", tmp_path / "none.yaml"
+    for args, message in (
+        (["--int8"], "--int8 needs calibration images"),
+        (["--calibration-images", folder], "calibrate an --int8 export"),
+        (["--int8", "--calibration", 0, "--calibration-images", folder], "--calibration must be at least 1"),
+        (["--int8", "--calibration-images", nowhere], f"error: calibration folder {nowhere} does not exist"),
+        (["--int8", "--calibration-images", empty], f"error: calibration folder {empty} holds no images"),
+        (["--int8", "--calibration-config", config], f"error: config file {config} does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            script.main([str(a) for a in (*common, *args)])
+        code = exited.value.code
+        assert message in (code if isinstance(code, str) else capsys.readouterr().err), code
 
 
 @pytest.mark.parametrize("name", ["vgg16_ssd300", "mobilenetv2_ssdlite320"])

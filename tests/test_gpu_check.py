@@ -17,7 +17,7 @@ from odkd.compare import load_experiment
 from odkd.config import load_config
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
 from tests.conftest import ROOT
-from tests.test_benchmark import load_benchmark_script
+from tests.conftest import load_script
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 EXPERIMENT = ROOT / "configs" / "compare_voc5_real.yaml"
@@ -115,7 +115,7 @@ def test_printed_gpu_commands_are_valid(tmp_path):
     assert list(commands) == ["tests", "teacher", "student", "distill", "eval", "student_compile", "distill_compile",
                               "teacher_compile", "plan", "compare"]  # fmt: skip
     assert commands["tests"].endswith("-m pytest -q -m cuda -p no:cacheprovider --durations=15 tests")
-    parser = load_benchmark_script().build_parser()
+    parser = load_script("benchmark").build_parser()
     parsed = {
         name: parser.parse_args(shlex.split(line)[2:]) for name, line in commands.items() if "benchmark.py" in line
     }

@@ -21,7 +21,16 @@ from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
 from odkd.models import SSD, build_model
 
-__all__ = ["build_datasets", "build_detector", "build_trainer", "run_training", "setup_logging", "summary"]
+__all__ = [
+    "build_datasets",
+    "build_detector",
+    "build_train_set",
+    "build_trainer",
+    "run_training",
+    "setup_logging",
+    "summary",
+    "write_synthetic_data",
+]
 
 log = logging.getLogger("odkd")
 
@@ -48,33 +57,50 @@ def build_detector(cfg: Config) -> SSD:
     return model
 
 
+def write_synthetic_data(cfg: Config) -> None:
+    """Write the synthetic dataset ``cfg.data`` asks for (``data.synthetic``) where it says, if missing."""
+    data = cfg.data
+    if data.format == "coco":
+        make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes)
+    else:
+        make_synthetic_voc(data.voc_root, data.synthetic_sizes)
+
+
+def _dataset_options(cfg: Config) -> dict:
+    """The dataset arguments every set of ``cfg.data`` shares."""
+    data = cfg.data
+    # Skipping bad images needs them found first: each is read once here (~1 ms per VOC photo).
+    return {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
+
+
+def build_train_set(cfg: Config, transform: Callable | None = None) -> DetectionDataset:
+    """The training set of ``cfg.data`` (VOC- or COCO-format) with ``transform`` (None: images as they are)."""
+    data = cfg.data
+    common = {**_dataset_options(cfg), "transform": transform, "keep_difficult": data.keep_difficult}
+    if data.format == "coco":
+        return COCODataset(data.coco.train_json, data.coco.train_images, **common)
+    return VOCDataset(data.voc_root, data.train_sets, ignore_classes=data.ignore_classes, **common)
+
+
 def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDataset, DetectionDataset | None]:
     """Train set with SSD augmentation to the model's input size, and the test set (None if not set);
     VOC- or COCO-format as ``data.format`` says."""
     data = cfg.data
     if data.synthetic:
         if info.is_main:  # one process writes, the others wait for it
-            if data.format == "coco":
-                make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes)
-            else:
-                make_synthetic_voc(data.voc_root, data.synthetic_sizes)
+            write_synthetic_data(cfg)
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
-    transform = build_transform(True, model.image_size, mean=mean, augment=data.augment)
-    # Skipping bad images needs them found first: each is read once here (~1 ms per VOC photo).
-    common = {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
+    train_set = build_train_set(cfg, build_transform(True, model.image_size, mean=mean, augment=data.augment))
+    common = _dataset_options(cfg)
     if data.format == "coco":
-        coco = data.coco
-        train_set = COCODataset(
-            coco.train_json, coco.train_images, transform=transform, keep_difficult=data.keep_difficult, **common
-        )
-        test_set = COCODataset(coco.test_json, coco.test_images, **common) if coco.test_json else None
+        test_set = COCODataset(data.coco.test_json, data.coco.test_images, **common) if data.coco.test_json else None
     else:
-        common["ignore_classes"] = data.ignore_classes
-        train_set = VOCDataset(
-            data.voc_root, data.train_sets, transform=transform, keep_difficult=data.keep_difficult, **common
+        test_set = (
+            VOCDataset(data.voc_root, data.test_sets, ignore_classes=data.ignore_classes, **common)
+            if data.test_sets
+            else None
         )
-        test_set = VOCDataset(data.voc_root, data.test_sets, **common) if data.test_sets else None
     if data.cache_dir:  # one process decodes, the others wait for the file
         cache = ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers) if info.is_main else None
         barrier(info)
