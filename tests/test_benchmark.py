@@ -7,7 +7,7 @@ import torch
 
 from odkd.checkpoint import save_model
 from odkd.models import build_model
-from tests.conftest import ROOT, load_script
+from tests.conftest import load_script
 
 
 def test_train_and_distill_benchmarks_report_throughput_and_phases(tmp_path, run_script):

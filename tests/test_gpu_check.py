@@ -16,8 +16,7 @@ import yaml
 from odkd.compare import load_experiment
 from odkd.config import load_config
 from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
-from tests.conftest import ROOT
-from tests.conftest import load_script
+from tests.conftest import ROOT, load_script
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 EXPERIMENT = ROOT / "configs" / "compare_voc5_real.yaml"
