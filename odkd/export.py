@@ -90,7 +90,7 @@ def onnx_program(
     module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int = 18
 ) -> torch.onnx.ONNXProgram:
     """``module`` traced with ``inputs`` (name -> example; dim 0 of each is the dynamic batch) into an
-    ONNX program, :func:`odkd.postprocess.nms_rows` as ONNX NonMaxSuppression."""
+    ONNX program, :func:`odkd.postprocess.nms_rows` as ONNX NonMaxSuppression and stable sorts as TopK."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     # The exporter prints graph dumps and notes while tracing the data-dependent NMS: keep them, and show
     # them only if the export fails.
@@ -105,7 +105,10 @@ def onnx_program(
                 input_names=list(inputs),
                 output_names=output_names,
                 dynamic_shapes=tuple({0: batch} for _ in inputs),
-                custom_translation_table={torch.ops.odkd.nms_rows.default: _nms_rows_onnx},
+                custom_translation_table={
+                    torch.ops.odkd.nms_rows.default: _nms_rows_onnx,
+                    torch.ops.aten.sort.stable: _stable_sort_onnx,
+                },
                 verbose=False,
             )
     except Exception:
@@ -131,3 +134,12 @@ def _nms_rows_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
     row = op.Gather(selected, op.Constant(value_int=0), axis=1)
     index = op.Gather(selected, op.Constant(value_int=2), axis=1)
     return op.Add(op.Mul(row, n), index)
+
+
+def _stable_sort_onnx(values, stable: bool | None = None, dim: int = -1, descending: bool = False):
+    """``torch.sort(values, stable=True, dim=dim, descending=descending)`` in ONNX (which has no sort of its
+    own): TopK over the whole axis, which puts equal values in index order, as a stable sort does."""
+    from onnxscript import opset18 as op
+
+    length = op.Gather(op.Shape(values), op.Constant(value_ints=[dim]))
+    return op.TopK(values, length, axis=dim, largest=descending, sorted=True)

@@ -89,9 +89,11 @@ def select_detections(
     batch, num_priors, num_classes = scores.shape
     scores = scores[..., 1:].transpose(1, 2)  # (B, C-1, P)
 
-    # Per image and class, the top-k priors by score: one row of candidates per (image, class).
+    # Per image and class, the top-k priors by score: one row of candidates per (image, class). Equal
+    # scores (common in untrained models) go by prior index, lower first: a stable sort, where topk leaves
+    # their order, and so which of them make the cut, unspecified; ONNX's TopK breaks ties this way.
     k = min(top_k, num_priors)
-    top_scores, top_prior = scores.topk(k, dim=2)  # (B, C-1, k)
+    top_scores, top_prior = (t[..., :k] for t in scores.sort(dim=2, descending=True, stable=True))  # (B, C-1, k)
     cand_boxes = boxes.gather(1, top_prior.reshape(batch, -1, 1).expand(-1, -1, 4)).reshape(-1, 4)
     cand_scores = top_scores.reshape(-1)
     class_ids = torch.arange(1, num_classes, device=scores.device)
@@ -99,9 +101,11 @@ def select_detections(
     cand_images = torch.arange(batch, device=scores.device).repeat_interleave((num_classes - 1) * k)
     kept = nms_rows(cand_boxes.reshape(-1, k, 4), top_scores.reshape(-1, k), nms_threshold, score_threshold)
 
-    # By decreasing score, then by (image, position): grouped by image, by decreasing score within each.
-    # The second keys are unique, so any sort is stable (ONNX has no stable sort).
-    kept = kept[cand_scores[kept].sort(descending=True).indices]
+    # By decreasing score, equal scores in candidate order (class, then rank: which ones the cap keeps),
+    # then by (image, position): grouped by image, by decreasing score within each. Sorting the candidate
+    # indices first makes the order independent of the order NMS returns them in; the last keys are unique.
+    kept = kept.sort().values
+    kept = kept[cand_scores[kept].sort(descending=True, stable=True).indices]
     position = torch.arange(len(kept), device=kept.device)
     kept = kept[(cand_images[kept] * len(kept) + position).sort().indices]
     images = cand_images[kept]
@@ -124,21 +128,26 @@ def split_by_image(flat: FlatDetections, batch: int) -> list[Detections]:
 def nms_rows(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float) -> torch.Tensor:
     """NMS within each row: ``boxes`` ``(R, N, 4)`` x1,y1,x2,y2, ``scores`` ``(R, N)`` -> ``(K,)`` int64
     flat indices ``r * N + n`` of the boxes kept, in no particular order. A box is a candidate when its
-    score is above ``score_threshold`` and is dropped when its IoU with a higher-scoring kept box of its
-    row is above ``iou_threshold``.
+    score is above ``score_threshold`` and is dropped when its IoU with a kept box of its row that comes
+    earlier is above ``iou_threshold``; boxes come by decreasing score, equal scores by increasing ``n``
+    (ONNX Runtime's order).
 
     One op so that an export can say what it is: ONNX's NonMaxSuppression with each row as one of its
     batches, exact per row (``odkd.export``). Eager: one torchvision ``batched_nms`` call in float64,
     whose coordinate-offset form shifts row r by about 2 r (~2,700 for 64 images x 21 classes), where
     float32 would round coordinates to 2.4e-4 and change which small boxes survive: an image's detections
-    would then depend on its place in the batch.
+    would then depend on its place in the batch. The one difference left: ONNX Runtime computes an IoU in
+    float32, so an IoU within float32 rounding (~1e-7) of the threshold can be decided the other way.
     """
     n = scores.shape[1]
     flat_scores = scores.reshape(-1)
     candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
+    # batched_nms does not document its order for equal scores: it gets each candidate's place in the
+    # order above (a stable sort of the increasing indices) as a score of its own.
+    candidates = candidates[flat_scores[candidates].sort(descending=True, stable=True).indices]
+    priority = -torch.arange(len(candidates), device=scores.device, dtype=torch.float64)
     groups = torch.div(candidates, n, rounding_mode="floor")
-    boxes = boxes.reshape(-1, 4)[candidates].double()
-    return candidates[batched_nms(boxes, flat_scores[candidates].double(), groups, iou_threshold)]
+    return candidates[batched_nms(boxes.reshape(-1, 4)[candidates].double(), priority, groups, iou_threshold)]
 
 
 @nms_rows.register_fake
@@ -159,7 +168,8 @@ def postprocess(
         loc: ``(B, P, 4)`` box regressions; conf: ``(B, P, C)`` raw logits (class 0 = background);
             priors: ``(P, 4)`` cx,cy,w,h.
         score_threshold: keep (prior, class) pairs whose probability is strictly above it (0.01).
-        top_k: at most this many candidates per class per image enter NMS (200).
+        top_k: at most this many candidates per class per image enter NMS (200); of equal scores, the
+            lower prior index first (here, in NMS and for the cap: what ONNX Runtime does in an export).
         nms_threshold: IoU above which a lower-scoring box of the same class and image is dropped (0.45).
         max_detections: at most this many detections per image, the highest scores (200).
         variances: the box coder's; clip: clip boxes to the image before NMS (True).

@@ -56,7 +56,8 @@ from odkd.runtime import OnnxDetector
 def check(path: Path, model: SSD, settings: dict, batch: int = 2) -> str:
     """onnxruntime against PyTorch on random images: the network's boxes and scores exactly (through a raw
     export next to ``path`` when ``path`` holds the post-processing), and with post-processing, how many
-    detections agree (equal scores, common in untrained models, can make the two keep different boxes)."""
+    detections agree: all of them, equal scores included (both take the lower prior index first), unless
+    an IoU lies within float32 rounding of the NMS threshold (:func:`odkd.postprocess.nms_rows`)."""
     import onnxruntime
 
     def run(onnx_path: Path) -> list[np.ndarray]:
