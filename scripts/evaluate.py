@@ -228,8 +228,14 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
 
 def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
     """VOC mode: run the model and write the devkit result files (with --checkpoint or --onnx), then score them."""
-    # annotations only, no image read
-    dataset = VOCDataset(args.voc_root, args.image_sets, args.class_names, ignore_classes=args.ignore_classes)
+    # Scoring result files needs the annotations only: the images are checked when a model will read them.
+    dataset = VOCDataset(
+        args.voc_root,
+        args.image_sets,
+        args.class_names,
+        ignore_classes=args.ignore_classes,
+        check_headers=args.model_file is not None,
+    )
     if args.model_file is not None:
         paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
         print(f"wrote {len(paths)} result files to {args.detections}")
@@ -242,7 +248,8 @@ def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
     results file."""
     from odkd.data.coco import COCODataset
 
-    dataset = COCODataset(args.coco_json, args.coco_images or args.coco_json.parent, args.class_names)
+    images = args.coco_images or args.coco_json.parent
+    dataset = COCODataset(args.coco_json, images, args.class_names, check_headers=args.model_file is not None)
     if args.model_file is not None:
         print(f"wrote {write_coco_results(run_model(args, dataset), dataset, args.detections)}")
     return evaluate_dataset(read_coco_results(args.detections, dataset), dataset, args.metric)

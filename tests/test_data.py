@@ -1,7 +1,6 @@
 """VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -10,9 +9,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _bad_images import noisy_jpeg, undecodable_png
+from PIL import Image
 
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
-from odkd.data.dataset import read_image
+from odkd.data.dataset import check_image, read_image
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import SYNTHETIC_CLASSES, _draw, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
@@ -123,24 +124,81 @@ def test_class_subsets_leave_other_objects_out(tmp_path):
         VOCDataset(tmp_path, "2007_trainval", CLASSES, ignore_classes=["cat"])
 
 
-def test_bad_images_name_the_file(tmp_path):
-    folder = write_voc(tmp_path, {"a": (10, 10, []), "b": (10, 10, []), "c": (10, 10, [])})
-    (folder / "JPEGImages" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+def test_bad_images_are_found_at_start_and_name_the_file(tmp_path):
+    """Every image's header is read when the dataset is made: a truncated JPEG (which OpenCV decodes
+    without an error, grey below the cut), a missing file and one of another size than its annotation
+    stop the run there, or are skipped with a warning each; they used to surface mid-run, or never."""
+    folder = write_voc(tmp_path, {"a": (80, 60, []), "b": (10, 10, []), "c": (10, 10, []), "d": (10, 10, [])})
+    (folder / "JPEGImages" / "a.jpg").write_bytes(noisy_jpeg()[:3000])
+    assert cv2.imread(str(folder / "JPEGImages" / "a.jpg")).shape == (60, 80, 3)  # grey below the cut
     (folder / "JPEGImages" / "b.jpg").unlink()
-    dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)
-    with pytest.raises(DatasetError, match=r"a\.jpg: not a readable image"):
-        dataset[0]
-    with pytest.raises(DatasetError, match=r"b\.jpg: image file does not exist"):
-        dataset[1]
-    with pytest.raises(DatasetError, match=r"a\.jpg"):
-        VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True)
-    with pytest.warns(UserWarning) as warned:
-        dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True, skip_invalid=True)
-    assert len(dataset) == 1
-    messages = [str(w.message) for w in warned]
-    assert len(messages) == 3 and "skipped 2 of 3" in messages[2]
-    assert re.search(r"a\.jpg: not a readable image", messages[0])
-    assert re.search(r"b\.jpg: image file does not exist", messages[1])
+    cv2.imwrite(str(folder / "JPEGImages" / "c.jpg"), np.zeros((12, 10, 3), np.uint8))
+    problems = [
+        f"{folder / 'JPEGImages' / 'a.jpg'}: truncated JPEG (the file ends before its end-of-image marker): "
+        "copy it again",
+        f"{folder / 'JPEGImages' / 'b.jpg'}: image file does not exist",
+        f"{folder / 'JPEGImages' / 'c.jpg'}: image is 10x12 but its annotation says 10x10",
+    ]
+    for check_images in (False, True):  # headers (the default), or every image decoded
+        with pytest.raises(DatasetError) as err:
+            VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=check_images)
+        assert str(err.value) == problems[0]
+        with pytest.warns(UserWarning) as warned:
+            dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=check_images, skip_invalid=True)
+        assert [a.image_id for a in dataset.annotations] == ["d"]
+        assert [str(w.message) for w in warned] == [
+            *(f"skipping {name}: {problem}" for name, problem in zip("abc", problems, strict=True)),
+            f"{tmp_path}: image set 2007_trainval: skipped 3 of 4 images with bad data",
+        ]
+    for path, problem in zip("abc", problems, strict=True):  # and when read later
+        with pytest.raises(DatasetError) as err:
+            read_image(folder / "JPEGImages" / f"{path}.jpg", (10, 10) if path != "a" else (60, 80))
+        assert str(err.value) == problem
+    (folder / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DatasetError, match=r"b\.jpg: truncated JPEG"):
+        read_image(folder / "JPEGImages" / "b.jpg")
+    (folder / "JPEGImages" / "b.jpg").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=r"b\.jpg: not a readable image"):
+        check_image(folder / "JPEGImages" / "b.jpg", (10, 10))
+
+
+def test_what_a_complete_jpeg_may_hold(tmp_path):
+    """Bytes after the end marker (some cameras write them) are harmless; an EXIF thumbnail's own end
+    marker does not make a cut file complete; an EXIF rotation is applied by the decoder, so the header
+    check compares the turned size."""
+    data = noisy_jpeg()
+    (tmp_path / "trailing.jpg").write_bytes(data + b"\0" * 64)
+    thumbnail = noisy_jpeg(8, 8)
+    payload = b"Exif\0\0" + thumbnail
+    with_thumbnail = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    (tmp_path / "thumbnail.jpg").write_bytes(with_thumbnail)
+    (tmp_path / "cut.jpg").write_bytes(with_thumbnail[: len(with_thumbnail) - 300])
+    for name in ("trailing", "thumbnail"):
+        check_image(tmp_path / f"{name}.jpg", (60, 80))
+        assert read_image(tmp_path / f"{name}.jpg").shape == (60, 80, 3)
+    with pytest.raises(DatasetError, match=r"cut\.jpg: truncated JPEG"):
+        check_image(tmp_path / "cut.jpg", (60, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn a quarter
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "turned.jpg", exif=exif)
+    check_image(tmp_path / "turned.jpg", (80, 60))
+    assert read_image(tmp_path / "turned.jpg").shape == (80, 60, 3)
+    with pytest.raises(DatasetError, match=r"turned\.jpg: image is 60x80 but its annotation says 80x60"):
+        check_image(tmp_path / "turned.jpg", (60, 80))
+
+
+def test_an_image_that_fails_in_a_loader_worker_is_one_line(tmp_path):
+    """A file whose header and end are intact but whose image data is damaged passes the start-up check;
+    reading it in a loader worker gives the error of the main process: one line naming the file, not the
+    worker's traceback (the DataLoader re-raises it as its type made from that text)."""
+    make_synthetic_voc(tmp_path, {"trainval": 4}, min_size=60, max_size=80)
+    dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 64))
+    broken, ann = dataset.image_paths[2], dataset.annotations[2]
+    broken.write_bytes(undecodable_png(ann.height, ann.width))
+    check_image(broken, (ann.height, ann.width))
+    with pytest.raises(DatasetError) as err:
+        list(build_loader(dataset, 2, train=True, num_workers=1, max_iters=4))
+    assert str(err.value) == f"{broken}: not a readable image (corrupt or truncated JPEG?)"
 
 
 def test_missing_dataset_says_how_to_get_voc(tmp_path):
@@ -359,7 +417,7 @@ def test_decoded_image_cache_errors_name_the_file(tmp_path):
     folder = write_voc(tmp_path, {"a": (10, 10, []), "b": (10, 10, [])})
     dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)
     (folder / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(DatasetError, match=r"b\.jpg: not a readable image"):
+    with pytest.raises(DatasetError, match=r"b\.jpg: truncated JPEG"):
         ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
     cv2.imwrite(str(folder / "JPEGImages" / "b.jpg"), np.zeros((12, 10, 3), np.uint8))
     for read in (

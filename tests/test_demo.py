@@ -1,10 +1,11 @@
-"""demo.py on images, a folder, a video and a corrupt file; Predictor agrees with the evaluation path."""
+"""demo.py on images, a folder, a video and corrupt or truncated files; Predictor agrees with the evaluation path."""
 
 import re
 
 import cv2
 import numpy as np
 import torch
+from _bad_images import noisy_jpeg
 
 from odkd.checkpoint import save_model
 from odkd.data import VOCDataset
@@ -37,6 +38,7 @@ def test_demo_draws_images_folders_and_videos(tmp_path, run_script):
     make_synthetic_voc(tmp_path / "voc", {"test": 3}, seed=4, min_size=120, max_size=200)
     images = sorted((tmp_path / "voc" / "VOCSYN" / "JPEGImages").glob("*.jpg"))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "cut.jpg").write_bytes(noisy_jpeg()[:3000])  # OpenCV draws it, grey below the cut
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (200, 150))
     for i in range(4):
@@ -48,12 +50,16 @@ def test_demo_draws_images_folders_and_videos(tmp_path, run_script):
     save_model(model, tmp_path / "model.pt")
     done = run_script(
         "demo.py", "--checkpoint", tmp_path / "model.pt", "--input", images[0], images[0].parent,
-        tmp_path / "broken.jpg", video, "--output", tmp_path / "out", "--min-score", "0.2", "--device", "cpu",
+        tmp_path / "broken.jpg", tmp_path / "cut.jpg", video, "--output", tmp_path / "out", "--min-score", "0.2",
+        "--device", "cpu",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(re.findall(r"\.jpg \d+x\d+: [\d.]+ ms, \d+ detections", done.stdout)) == 4  # one file + a folder of 3
     assert "clip.avi: 4 frames" in done.stdout and re.search(r"8 images on cpu .* [\d.]+ ms per image", done.stdout)
     assert "broken.jpg: not a readable image" in done.stderr
+    cut = f"skipped: {tmp_path / 'cut.jpg'}: truncated JPEG (the file ends before its end-of-image marker)"
+    assert f"{cut}: copy it again" in done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
     expected = {p.stem + ".jpg" for p in images} | {"clip.mp4"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)
     written = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))

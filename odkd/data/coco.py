@@ -102,7 +102,8 @@ class COCODataset(DetectionDataset):
         image_dir: the folder the images' ``file_name`` are relative to.
         class_names: the class list (label i+1 is class_names[i], matched to category names); None: the
             file's categories in increasing id order. Objects of categories outside the list are left out.
-        transform, keep_difficult (crowd boxes), skip_invalid, check_images: as :class:`odkd.data.VOCDataset`.
+        transform, keep_difficult (crowd boxes), skip_invalid, check_images, check_headers: as
+            :class:`odkd.data.VOCDataset`.
 
     ``coco_ids[i]`` is the COCO image id of item ``i`` and ``category_ids[label - 1]`` the category id of a
     label (what the COCO evaluation needs).
@@ -117,6 +118,7 @@ class COCODataset(DetectionDataset):
         keep_difficult: bool = False,
         skip_invalid: bool = False,
         check_images: bool = False,
+        check_headers: bool = True,
     ) -> None:
         self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
         data = read_coco_json(self.annotation_file)
@@ -154,7 +156,7 @@ class COCODataset(DetectionDataset):
                 f"(annotation ids {shown})",
                 stacklevel=2,
             )
-        self._keep(found, skip_invalid, check_images, f"{self.annotation_file}")
+        self._keep(found, skip_invalid, check_images, f"{self.annotation_file}", check_headers)
         self.coco_ids = [int(ann.image_id) for ann in self.annotations]
 
     def _images(self, data: dict) -> dict[int, tuple[str, int, int]]:

@@ -9,7 +9,9 @@ image here and detections go back to the format's pixels with the same offset.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,16 +21,30 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from odkd.data.image_cache import ImageCache
 
-__all__ = ["Annotation", "DatasetError", "DetectionDataset", "read_image"]
+__all__ = ["Annotation", "DatasetError", "DetectionDataset", "check_image", "read_image"]
+
+# What torch's DataLoader makes of an exception raised in a worker: the worker's whole traceback as text.
+_WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 class DatasetError(ValueError):
-    """A problem with a dataset file; the message names the file."""
+    """A problem with a dataset file; the message names the file, in one line.
+
+    A DataLoader raises a worker's exception again in the main process as its class built from the
+    worker's traceback text: that text is cut back to the original message, so that an image that fails
+    mid-run is reported in the same one line as at start.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        if _WORKER_TRACEBACK.match(message):  # its last line: "odkd.data.dataset.DatasetError: <message>"
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
 
 
 @dataclass
@@ -64,13 +80,46 @@ class Annotation:
         )
 
 
+# The bytes a complete file of these formats ends with (a JPEG's end-of-image marker, a PNG's IEND chunk).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height (OpenCV applies them)
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    """Whether JPEG ``data`` ends before the end-of-image marker after its image data: libjpeg decodes such a
+    file with a grey bottom and only a warning without the file name ("Premature end of JPEG file").
+
+    The marker segments before the first scan are skipped by their lengths (an EXIF thumbnail's own end
+    marker lies in one); in the scans, FF bytes are escaped, so FFD9 there is the end marker. Trailing bytes
+    after it, which some cameras write, are harmless.
+    """
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:  # headers out of step: corrupt, not truncated; left to the decoder
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(_END_MARKERS["JPEG"], position) < 0
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return True  # the file ends in its headers
+
+
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing or not a readable image, or
-    if it is not ``size`` ``(height, width)`` (what its annotation says) when that is given."""
+    """``(H, W, 3)`` uint8 RGB; :class:`DatasetError` if the file is missing, truncated or not a readable
+    image, or if it is not ``size`` ``(height, width)`` (what its annotation says) when that is given."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file does not exist") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: image file cannot be read ({err.strerror})") from None
+    if data.startswith(b"\xff\xd8") and _truncated_jpeg(data):
+        raise DatasetError(f"{path}: truncated JPEG (the file ends before its end-of-image marker): copy it again")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"{path}: not a readable image (corrupt or truncated JPEG?)")
     if size is not None and image.shape[:2] != tuple(size):
@@ -78,6 +127,23 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
             f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says {size[1]}x{size[0]}"
         )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def check_image(path: str | os.PathLike, size: tuple[int, int]) -> None:
+    """Raise the :class:`DatasetError` :func:`read_image` would for ``path`` and ``size``, reading the header
+    where it can tell (0.2 ms against a decode's 3 ms, 300-500 px JPEGs): an image file whose header says
+    ``size`` ``(height, width)`` and that ends as a complete JPEG or PNG does passes; anything else is
+    decoded to decide. A file that is damaged inside its image data (with a complete end) still passes."""
+    with contextlib.suppress(Exception), open(path, "rb") as f, Image.open(f) as image:  # PIL raises many types
+        width, height = image.size
+        # 0x0112: the EXIF orientation tag; only EXIF the header held (getexif may decode a PNG to find it)
+        if "exif" in image.info and image.getexif().get(0x0112) in _QUARTER_TURNS:
+            width, height = height, width
+        end = _END_MARKERS.get(image.format, b"")
+        f.seek(-len(end), os.SEEK_END)
+        if (height, width) == tuple(size) and f.read(len(end)) == end:
+            return
+    read_image(path, size)
 
 
 class DetectionDataset(Dataset):
@@ -104,16 +170,19 @@ class DetectionDataset(Dataset):
         skip_invalid: bool,
         check_images: bool,
         what: str,
+        check_headers: bool = True,
     ) -> None:
-        """Keep the images whose annotation parsed (and, with ``check_images``, whose file reads); a
-        problem raises, or with ``skip_invalid`` leaves the image out with a warning and a count."""
+        """Keep the images whose annotation parsed and whose file passes :func:`check_image` (with
+        ``check_headers``) or reads (with ``check_images``); a problem raises, or with ``skip_invalid``
+        leaves the image out with a warning and a count."""
+        check = read_image if check_images else check_image if check_headers else None
         skipped = total = 0
         for path, ann in found:
             total += 1
             problem = ann if isinstance(ann, DatasetError) else None
-            if problem is None and check_images:
+            if problem is None and check is not None:
                 try:
-                    read_image(path, (ann.height, ann.width))
+                    check(path, (ann.height, ann.width))
                 except DatasetError as err:
                     problem = err
             if problem is not None:

@@ -16,9 +16,10 @@ the names in ``ignore_classes`` are left out, so they count as background; by de
 classes outside the class list. Per-class AP of the listed classes is the same as on the full class list
 (the devkit scores each class against its own objects only). Any other name is an unknown class.
 
-Bad data (a missing or corrupt image, malformed XML, an unknown class, a box with ``xmin >= xmax``
-or outside the image) raises :class:`DatasetError` naming the file and the problem. With
-``skip_invalid=True`` such images are left out instead, with one warning each and a count at the end.
+Bad data (a missing, truncated or corrupt image, one of another size than its annotation, malformed XML,
+an unknown class, a box with ``xmin >= xmax`` or outside the image) raises :class:`DatasetError` naming the
+file and the problem; every image's header is read at start for it. With ``skip_invalid=True`` such images
+are left out instead, with one warning each and a count at the end.
 """
 
 from __future__ import annotations
@@ -222,8 +223,11 @@ class VOCDataset(DetectionDataset):
         transform: callable ``(image, boxes_pixels, labels) -> (image, boxes_relative, labels)``.
         keep_difficult: keep difficult objects in the training targets (default: drop them).
         skip_invalid: leave out images with bad data (one warning each) instead of raising.
-        check_images: open every image once at start-up (slow on big sets) to find unreadable files.
+        check_images: decode every image once at start-up (~3 ms each) to find unreadable files.
         cache_dir: where the annotation cache goes (default ``root/.odkd_cache``).
+        check_headers: read every image's header at start-up (~0.2 ms each; :func:`check_image`): missing
+            or truncated files and sizes other than the annotation's are found now, not mid-run (False:
+            the annotations alone, e.g. to score result files without the images).
     """
 
     pixel_offset = (1.0, 1.0, 0.0, 0.0)  # the devkit counts pixels from 1: xmin = 1 is the left edge
@@ -239,11 +243,11 @@ class VOCDataset(DetectionDataset):
         check_images: bool = False,
         cache_dir: str | os.PathLike | None = None,
         ignore_classes: Collection[str] | None = None,
+        check_headers: bool = True,
     ) -> None:
         super().__init__(class_names, transform, keep_difficult)
         self.root = Path(root)
         items, annotations = load_annotations(self.root, image_sets, self.class_names, cache_dir, ignore_classes)
         paths = [self.root / f"VOC{year}" / "JPEGImages" / f"{image_id}.jpg" for year, image_id in items]
-        self._keep(
-            zip(paths, annotations, strict=True), skip_invalid, check_images, f"{self.root}: image set {image_sets}"
-        )
+        what = f"{self.root}: image set {image_sets}"
+        self._keep(zip(paths, annotations, strict=True), skip_invalid, check_images, what, check_headers)

@@ -69,7 +69,8 @@ def write_synthetic_data(cfg: Config) -> None:
 def _dataset_options(cfg: Config) -> dict:
     """The dataset arguments every set of ``cfg.data`` shares."""
     data = cfg.data
-    # Skipping bad images needs them found first: each is read once here (~1 ms per VOC photo).
+    # Every image's header is read at start; skipping bad images needs them found first: each is decoded once
+    # here (~3 ms per VOC photo).
     return {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
 
 
