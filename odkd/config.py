@@ -16,9 +16,11 @@ first iterations stable (see :func:`scaled_lr`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from odkd.data.coco import COCO_CLASSES
+from odkd.data.dataset import class_name_problems
 from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.transforms import Augmentation
 from odkd.data.voc import VOC_CLASSES
@@ -366,6 +369,79 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+# Ranges the types cannot express: dotted key -> (test, what the value must be). Lists and mappings are
+# checked item by item; None (an optional setting left unset) passes; distill.<method>.* is checked for the
+# chosen methods only (the others' settings are ignored).
+_Range = tuple[Callable[[Any], bool], str]
+_POSITIVE: _Range = (lambda v: v > 0, "positive")
+_NOT_NEGATIVE: _Range = (lambda v: v >= 0, "at least 0")
+_COUNT: _Range = (lambda v: v >= 1, "at least 1")
+_PROBABILITY: _Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FRACTION: _Range = (lambda v: 0 <= v < 1, "in [0, 1)")
+_IOU: _Range = (lambda v: 0 < v <= 1, "in (0, 1]")
+_RANGES: dict[str, _Range] = {
+    "model.width_mult": _POSITIVE,
+    "data.synthetic_sizes": _COUNT,
+    "data.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm needs two images per process in training)"),
+    "data.num_workers": _NOT_NEGATIVE,
+    "loss.neg_pos_ratio": _POSITIVE,
+    "loss.iou_threshold": _IOU,
+    "loss.dfl_weight": _NOT_NEGATIVE,
+    "optim.lr": _POSITIVE,
+    "optim.reference_batch_size": _COUNT,
+    "optim.momentum": _FRACTION,
+    "optim.weight_decay": _NOT_NEGATIVE,
+    "optim.max_iters": _COUNT,
+    "optim.milestones": _COUNT,
+    "optim.gamma": _POSITIVE,
+    "optim.warmup_iters": _NOT_NEGATIVE,
+    "optim.warmup_factor": _IOU,
+    "optim.grad_clip": _POSITIVE,
+    "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    **dict.fromkeys(
+        ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.max_bad_steps"),
+        _COUNT,
+    ),
+    "eval.batch_size": _COUNT,
+    "eval.score_threshold": _FRACTION,
+    "eval.nms_threshold": _IOU,
+    "eval.top_k": _COUNT,
+    "eval.max_detections": _COUNT,
+    "distill.balance_fraction": _POSITIVE,
+    **{f"distill.{method}.temperature": _POSITIVE for method in ("chen2017", "hinton", "ld", "fgd", "crosskd")},
+    **{f"distill.chen2017.{key}": _NOT_NEGATIVE for key in ("w_background", "w_object", "nu", "margin", "lam")},
+    "distill.chen2017.gamma": _NOT_NEGATIVE,
+    "distill.chen2017.mu": _PROBABILITY,
+    "distill.chen2017.mu_end": _PROBABILITY,
+    "distill.chen2017.mu_ramp_iters": _NOT_NEGATIVE,
+    "distill.hinton.alpha": _PROBABILITY,
+    **{f"distill.ld.{key}": _NOT_NEGATIVE for key in ("weight", "vlr_weight", "kd_weight")},
+    "distill.ld.vlr_factor": _FRACTION,
+    "distill.ld.kd_temperature": _POSITIVE,
+    **{f"distill.fgd.{key}": _NOT_NEGATIVE for key in ("alpha", "beta", "gamma", "lam", "levels")},
+    **{f"distill.crosskd.{key}": _NOT_NEGATIVE for key in ("cls_weight", "reg_weight")},
+}
+
+
+def _range_problems(cfg: Config) -> list[str]:
+    """The settings of ``cfg`` outside their :data:`_RANGES`, each naming its dotted key."""
+    problems = []
+    for key, (test, requirement) in _RANGES.items():
+        section, _, rest = key.partition(".")
+        if section == "distill" and "." in rest and rest.partition(".")[0] not in cfg.distill.methods:
+            continue
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if isinstance(value, dict):
+            items = [(f"{key}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(key, value)]
+        problems += [f"{name} must be {requirement}, got {v!r}" for name, v in items if v is not None and not test(v)]
+    return problems
+
+
 def _validate(cfg: Config, source: str) -> None:
     """Cross-field checks the types cannot express."""
     from odkd.models import MODELS  # heavy import, only when a config is really loaded
@@ -376,6 +452,8 @@ def _validate(cfg: Config, source: str) -> None:
     data = cfg.data
     if isinstance(data.classes, str) and data.classes not in (*CLASS_LISTS, "dataset"):
         problems.append(f"data.classes: {data.classes!r} is neither {[*CLASS_LISTS, 'dataset']} nor a list of names")
+    elif isinstance(data.classes, list):
+        problems += [f"data.classes: {problem}" for problem in class_name_problems(data.classes)]
     coco = data.coco
     if data.format == "coco" and not (coco.train_json and coco.train_images):
         problems.append("data.format coco needs data.coco.train_json and data.coco.train_images")
@@ -390,11 +468,7 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append("data.classes 'dataset' reads the categories of a COCO file: set data.format coco")
     if cfg.eval.metric == "coco" and data.format != "coco":
         problems.append("eval.metric coco scores against a COCO annotation file: set data.format coco")
-    if cfg.data.batch_size < 1 or cfg.optim.max_iters < 1 or cfg.optim.lr <= 0:
-        problems.append("data.batch_size, optim.max_iters and optim.lr must be positive")
-    counts = ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps")
-    if bad := [f"train.{key}" for key in counts if getattr(cfg.train, key) < 1]:
-        problems.append(f"{', '.join(bad)} must be at least 1")
+    problems += _range_problems(cfg)
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
     methods = cfg.distill.methods
@@ -402,8 +476,9 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append(
             f"distill.methods: a non-empty list of distinct names of {list(DISTILL_METHODS)}, got {methods}"
         )
-    if cfg.distill.balance_fraction <= 0:
-        problems.append(f"distill.balance_fraction must be positive, got {cfg.distill.balance_fraction}")
+    chen2017 = cfg.distill.chen2017
+    if "chen2017" in methods and (chen2017.mu_end is None) != (chen2017.mu_ramp_iters == 0):
+        problems.append("distill.chen2017.mu_end and distill.chen2017.mu_ramp_iters > 0 go together (a mu schedule)")
     if cfg.model.dfl_bins < 0 or cfg.model.dfl_bins == 1:
         problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")
     if problems:

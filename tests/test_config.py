@@ -60,11 +60,55 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("data.augment.min_crop_scale=0", r"data.augment.min_crop_scale is in \(0, 1\]"),
         ("data.augment.min_ious=[0.5, 2]", r"data.augment.min_ious are IoUs in \[0, 1\]"),
         ("data.augment.swap_p=0", r"unknown key data.augment.swap_p; valid keys of data.augment: \[.*'channel_swap_p'"),
+        # class lists: each name is one output of the head
+        ("data.classes=[cat, dog, cat]", r"data.classes: \['cat'\] appear more than once"),
+        ("data.classes=[]", "data.classes: the list is empty: name at least one class"),
+        ("data.classes=[cat, ' ']", r"data.classes: \[' '\] are blank names"),
+        # counts, sizes and probabilities out of range, each named
+        ("data.batch_size=1", r"data.batch_size must be at least 2 \(BatchNorm needs two images per process"),
+        ("data.num_workers=-1", "data.num_workers must be at least 0, got -1"),
+        ("data.synthetic_sizes={trainval: 0, test: 2}", "data.synthetic_sizes.trainval must be at least 1, got 0"),
+        ("eval.batch_size=0", "eval.batch_size must be at least 1, got 0"),
+        ("eval.nms_threshold=0", r"eval.nms_threshold must be in \(0, 1\], got 0.0"),
+        ("eval.score_threshold=1", r"eval.score_threshold must be in \[0, 1\), got 1.0"),
+        ("eval.top_k=0", "eval.top_k must be at least 1, got 0"),
+        ("eval.max_detections=0", "eval.max_detections must be at least 1, got 0"),
+        ("optim.warmup_iters=-1", "optim.warmup_iters must be at least 0, got -1"),
+        ("optim.warmup_factor=0", r"optim.warmup_factor must be in \(0, 1\], got 0.0"),
+        ("optim.momentum=1", r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay must be at least 0, got -0.0001"),
+        ("optim.grad_clip=0", "optim.grad_clip must be positive, got 0.0"),
+        ("optim.gamma=0", "optim.gamma must be positive, got 0.0"),
+        ("optim.milestones=[0, 10]", r"optim.milestones\[0\] must be at least 1, got 0"),
+        ("optim.reference_batch_size=0", "optim.reference_batch_size must be at least 1, got 0"),
+        ("loss.neg_pos_ratio=0", "loss.neg_pos_ratio must be positive, got 0.0"),
+        ("loss.iou_threshold=1.5", r"loss.iou_threshold must be in \(0, 1\], got 1.5"),
+        ("train.ema_decay=1", r"train.ema_decay must be in \(0, 1\), got 1.0"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+        ("model.width_mult=0", "model.width_mult must be positive, got 0.0"),
+        ("distill.chen2017.temperature=0", "distill.chen2017.temperature must be positive, got 0.0"),
+        ("distill.chen2017.mu=1.5", r"distill.chen2017.mu must be in \[0, 1\], got 1.5"),
+        ("distill.chen2017.mu_end=0.5", "distill.chen2017.mu_end and distill.chen2017.mu_ramp_iters > 0 go together"),
+        ("distill.balance_fraction=0", "distill.balance_fraction must be positive, got 0.0"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_every_range_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.batch_size=1", "eval.batch_size=0", "data.num_workers=-1", "optim.momentum=-0.5"])
+    message = str(err.value)
+    for key in ("data.batch_size", "eval.batch_size", "data.num_workers", "optim.momentum"):
+        assert f"{key} must be" in message
+    # Only the chosen distillation methods' settings are used, so only theirs are checked.
+    assert load_config(None, ["distill.fgd.temperature=0"]).distill.fgd.temperature == 0
+    with pytest.raises(ConfigError, match=r"distill\.fgd\.temperature must be positive, got 0\.0"):
+        load_config(None, ["distill.fgd.temperature=0", "distill.methods=[fgd]"])
+    for method in DISTILL_METHODS:  # every method's default settings pass
+        load_config(None, [f"distill.methods=[{method}]"])
 
 
 def test_ignore_classes_is_for_voc_data():

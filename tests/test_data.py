@@ -124,6 +124,12 @@ def test_class_subsets_leave_other_objects_out(tmp_path):
         VOCDataset(tmp_path, "2007_trainval", CLASSES, ignore_classes=["cat"])
 
 
+def test_a_class_list_names_each_class_once(tmp_path):
+    write_voc(tmp_path, {"a": (10, 10, [("cat", (1, 1, 5, 5), 0)])})
+    with pytest.raises(ValueError, match=r"class names \['cat', 'dog', 'cat'\]: \['cat'\] appear more than once"):
+        VOCDataset(tmp_path, "2007_trainval", ("cat", "dog", "cat"))  # label 1 would never be given
+
+
 def test_bad_images_are_found_at_start_and_name_the_file(tmp_path):
     """Every image's header is read when the dataset is made: a truncated JPEG (which OpenCV decodes
     without an error, grey below the cut), a missing file and one of another size than its annotation

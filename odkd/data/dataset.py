@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from odkd.data.image_cache import ImageCache
 
-__all__ = ["Annotation", "DatasetError", "DetectionDataset", "check_image", "read_image"]
+__all__ = ["Annotation", "DatasetError", "DetectionDataset", "check_image", "class_name_problems", "read_image"]
 
 # What torch's DataLoader makes of an exception raised in a worker: the worker's whole traceback as text.
 _WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
@@ -146,6 +146,18 @@ def check_image(path: str | os.PathLike, size: tuple[int, int]) -> None:
     read_image(path, size)
 
 
+def class_name_problems(names: Sequence[str]) -> list[str]:
+    """What is wrong with a list of class names (empty if nothing): each name is one output of the head."""
+    problems = []
+    if not names:
+        problems.append("the list is empty: name at least one class")
+    if blank := [name for name in names if not name.strip()]:
+        problems.append(f"{blank} are blank names")
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        problems.append(f"{repeated} appear more than once")
+    return problems
+
+
 class DetectionDataset(Dataset):
     """Items are dicts: ``image`` (whatever ``transform`` returns; without a transform ``(H, W, 3)`` uint8
     RGB), ``boxes`` ``(n, 4)`` float32 x1,y1,x2,y2 relative to the (transformed) image, ``labels``
@@ -157,6 +169,8 @@ class DetectionDataset(Dataset):
     pixel_offset: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     def __init__(self, class_names: Sequence[str], transform: Callable | None, keep_difficult: bool) -> None:
+        if problems := class_name_problems(class_names):
+            raise ValueError(f"class names {list(class_names)}: {'; '.join(problems)}")
         self.class_names = tuple(class_names)
         self.transform = transform
         self.keep_difficult = keep_difficult
