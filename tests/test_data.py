@@ -105,6 +105,40 @@ def test_bad_annotations_name_the_file(tmp_path, xml, problem):
     assert "skipped 1 of 2 images" in messages[1]
 
 
+def test_difficult_flags_read_as_written(tmp_path):
+    objects = [("cat", (1, 1, 5, 5), flag) for flag in ("1", "0", "true", "False", " TRUE ")]
+    no_flag = voc_xml(10, 10, [("dog", (1, 1, 5, 5), 0)]).replace("<difficult>0</difficult>", "")
+    write_voc(tmp_path, {"a": (10, 10, objects), "b": (10, 10, [], no_flag)})
+    annotations = VOCDataset(tmp_path, "2007_trainval", CLASSES).annotations
+    assert annotations[0].difficult.tolist() == [True, False, True, False, True]  # "true" was read as False
+    assert annotations[1].difficult.tolist() == [False]
+    folder = write_voc(tmp_path, {"c": (10, 10, [("cat", (1, 1, 5, 5), "yes")])})
+    with pytest.raises(DatasetError) as err:
+        VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    assert (
+        str(err.value) == f"{folder / 'Annotations' / 'c.xml'}: cat has <difficult> 'yes'; use 0 or 1 (or false, true)"
+    )
+
+
+def test_an_image_listed_twice_is_named_with_its_lines(tmp_path):
+    """Listed twice, an image would be trained on twice as often: an error naming the list, the line and the
+    image; skip_invalid keeps the first listing."""
+    folder = write_voc(tmp_path, {"a": (10, 10, []), "b": (10, 10, [])})
+    listing = folder / "ImageSets" / "Main" / "trainval.txt"
+    listing.write_text("a\nb\n\na\n")
+    problem = f"{listing}: line 4: image a is listed again (first at {listing}: line 1)"
+    with pytest.raises(DatasetError) as err:
+        VOCDataset(tmp_path, "2007_trainval", CLASSES)
+    assert str(err.value) == problem
+    with pytest.warns(UserWarning) as warned:
+        dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES, skip_invalid=True)
+    assert [a.image_id for a in dataset.annotations] == ["a", "b"]
+    assert str(warned[0].message) == f"skipping a: {problem}"
+    listing.write_text("a\nb\n")
+    with pytest.raises(DatasetError, match=r"line 1: image a is listed again \(first at .*trainval\.txt: line 1\)"):
+        VOCDataset(tmp_path, "2007_trainval+2007_trainval", CLASSES)
+
+
 def test_class_subsets_leave_other_objects_out(tmp_path):
     horse, cat, dog = ("horse", (1, 1, 9, 9), 0), ("cat", (2, 2, 6, 6), 0), ("dog", (3, 3, 8, 8), 0)
     write_voc(tmp_path, {"a": (10, 10, [horse, cat, horse, dog]), "b": (10, 10, [horse])})

@@ -17,9 +17,10 @@ classes outside the class list. Per-class AP of the listed classes is the same a
 (the devkit scores each class against its own objects only). Any other name is an unknown class.
 
 Bad data (a missing, truncated or corrupt image, one of another size than its annotation, malformed XML,
-an unknown class, a box with ``xmin >= xmax`` or outside the image) raises :class:`DatasetError` naming the
-file and the problem; every image's header is read at start for it. With ``skip_invalid=True`` such images
-are left out instead, with one warning each and a count at the end.
+an unknown class, a box with ``xmin >= xmax`` or outside the image, a ``<difficult>`` other than 0, 1,
+false or true, an image listed again in the image sets) raises :class:`DatasetError` naming the file and
+the problem; every image's header is read at start for it. With ``skip_invalid=True`` such images (of an
+image listed again, the repeats) are left out instead, with one warning each and a count at the end.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
-CACHE_VERSION = 2  # 2: non-finite numbers are errors
+CACHE_VERSION = 3  # 2: non-finite numbers are errors; 3: <difficult> true/false, other values are errors
+_FLAGS = {"0": False, "false": False, "1": True, "true": True}  # <difficult> values, case aside
 
 
 def _text(node: ET.Element, tag: str, path: Path) -> str:
@@ -128,10 +130,13 @@ def parse_annotation(
             raise DatasetError(f"{path}: {name} box {box} is empty or inverted (needs xmin < xmax, ymin < ymax)")
         if box[0] < 0 or box[1] < 0 or box[2] > width + 1 or box[3] > height + 1:
             raise DatasetError(f"{path}: {name} box {box} lies outside the {width}x{height} image")
-        flag = obj.find("difficult")
+        flag = obj.find("difficult")  # absent: not difficult
+        value = "0" if flag is None else (flag.text or "").strip()
+        if value.lower() not in _FLAGS:
+            raise DatasetError(f"{path}: {name} has <difficult> {value!r}; use 0 or 1 (or false, true)")
         boxes.append(box)
         labels.append(index[name])
-        difficult.append(flag is not None and (flag.text or "0").strip() == "1")
+        difficult.append(_FLAGS[value.lower()])
     return Annotation(
         path.stem,
         width,
@@ -153,7 +158,8 @@ def parse_image_sets(image_sets: str) -> list[tuple[str, str]]:
     return parts
 
 
-def _image_ids(root: Path, year: str, name: str) -> list[str]:
+def _image_ids(root: Path, year: str, name: str) -> tuple[Path, list[str]]:
+    """The image set list file of ``year``/``name`` and the ids it lists, line by line (blank lines as "")."""
     folder = root / f"VOC{year}"
     if not folder.is_dir():
         raise DatasetError(
@@ -164,7 +170,30 @@ def _image_ids(root: Path, year: str, name: str) -> list[str]:
     listing = folder / "ImageSets" / "Main" / f"{name}.txt"
     if not listing.is_file():
         raise DatasetError(f"{listing}: image set list does not exist")
-    return [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    return listing, [line.split()[0] if line.strip() else "" for line in listing.read_text().splitlines()]
+
+
+def _listed_items(root: Path, image_sets: str) -> tuple[list[tuple[str, str]], dict[int, DatasetError]]:
+    """The (year, image id) items of ``image_sets`` in order, and for the position of each item listed again
+    (in one list or in two of a union) the error that names where: an image listed twice would be trained
+    on twice as often."""
+    items: list[tuple[str, str]] = []
+    repeats: dict[int, DatasetError] = {}
+    first: dict[tuple[str, str], str] = {}
+    for year, name in parse_image_sets(image_sets):
+        listing, ids = _image_ids(root, year, name)
+        for line, image_id in enumerate(ids, start=1):
+            if not image_id:
+                continue
+            where = f"{listing}: line {line}"
+            if (year, image_id) in first:
+                repeats[len(items)] = DatasetError(
+                    f"{where}: image {image_id} is listed again (first at {first[year, image_id]})"
+                )
+            else:
+                first[year, image_id] = where
+            items.append((year, image_id))
+    return items, repeats
 
 
 def load_annotations(
@@ -175,10 +204,22 @@ def load_annotations(
     ignore_classes: Collection[str] | None = None,
 ) -> tuple[list[tuple[str, str]], list[Annotation | DatasetError]]:
     """The (year, image id) items of ``image_sets`` and their parsed annotations (or the error each
-    raised), through the cache."""
+    raised, or for an image listed again the error that says where), through the cache."""
     root = Path(root)
     ignored = ignored_classes(class_names, ignore_classes)
-    items = [(year, i) for year, name in parse_image_sets(image_sets) for i in _image_ids(root, year, name)]
+    items, repeats = _listed_items(root, image_sets)
+    annotations = _cached_annotations(root, items, class_names, ignored, cache_dir)
+    return items, [repeats.get(position, ann) for position, ann in enumerate(annotations)]
+
+
+def _cached_annotations(
+    root: Path,
+    items: list[tuple[str, str]],
+    class_names: Sequence[str],
+    ignored: frozenset[str],
+    cache_dir: str | os.PathLike | None,
+) -> list[Annotation | DatasetError]:
+    """The parsed annotation of each item (or the error it raised), from the cache when it is up to date."""
     xml_paths = [root / f"VOC{year}" / "Annotations" / f"{i}.xml" for year, i in items]
 
     # The key covers the class lists and every file's identity, size and mtime: any edit rebuilds the cache.
@@ -194,7 +235,7 @@ def load_annotations(
     if cache_file.is_file():
         try:
             cached = json.loads(cache_file.read_text())
-            return items, [Annotation.from_json(a) if "error" not in a else DatasetError(a["error"]) for a in cached]
+            return [Annotation.from_json(a) if "error" not in a else DatasetError(a["error"]) for a in cached]
         except (ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
 
@@ -208,8 +249,8 @@ def load_annotations(
     try:
         atomic_write(cache_file, lambda f: f.write(json.dumps(records).encode()))
     except OSError as err:  # a read-only dataset folder still works, just without the cache
-        warnings.warn(f"could not write the annotation cache {cache_file}: {err}", stacklevel=2)
-    return items, annotations
+        warnings.warn(f"could not write the annotation cache {cache_file}: {err}", stacklevel=3)
+    return annotations
 
 
 class VOCDataset(DetectionDataset):
