@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import SYNTHETIC_CLASSES, check_synthetic_settings, make_synthetic_voc
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/synthetic", help="folder that will contain VOC<year>/")
     parser.add_argument("--year", default="SYN", help="the dataset's year name (folder VOC<year>)")
@@ -21,11 +22,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=240, help="smallest image side, pixels")
     parser.add_argument("--max-size", type=int, default=360, help="largest image side, pixels")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    splits = {"trainval": args.trainval, "test": args.test}
+    try:
+        check_synthetic_settings(splits, args.min_size, args.max_size, args.year)
+    except ValueError as err:
+        parser.error(str(err))
     start = time.perf_counter()
-    folder = make_synthetic_voc(
-        args.root, {"trainval": args.trainval, "test": args.test}, args.year, args.seed, args.min_size, args.max_size
-    )
+    folder = make_synthetic_voc(args.root, splits, args.year, args.seed, args.min_size, args.max_size)
     print(
         f"{folder}: {args.trainval} trainval + {args.test} test images, classes {', '.join(SYNTHETIC_CLASSES)} "
         f"({time.perf_counter() - start:.1f} s); image sets {args.year}_trainval, {args.year}_test"

@@ -20,9 +20,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["COCO_CATEGORY_IDS", "SYNTHETIC_CLASSES", "make_synthetic_coco", "make_synthetic_voc"]
+__all__ = [
+    "COCO_CATEGORY_IDS",
+    "SYNTHETIC_CLASSES",
+    "check_synthetic_settings",
+    "make_synthetic_coco",
+    "make_synthetic_voc",
+]
 
 SYNTHETIC_CLASSES = ("disc", "block", "triangle", "ring", "cross")
+_MIN_OBJECT_SIZE = 6  # pixels, the smallest side of an object: an image must hold one
 # Per class: RGB colour and the range of the object's size as a fraction of the image's shorter side.
 _STYLE = {
     "disc": ((220, 60, 50), (0.12, 0.35)),
@@ -96,8 +103,8 @@ def _make_image(rng: np.random.Generator, min_size: int, max_size: int):
         name = SYNTHETIC_CLASSES[rng.integers(len(SYNTHETIC_CLASSES))]
         colour, (lo, hi) = _STYLE[name]
         side = min(width, height)
-        w = max(6, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
-        h = max(6, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
+        w = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
+        h = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
         x1, y1 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
         jitter = rng.integers(-25, 26, 3)
         colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
@@ -122,6 +129,23 @@ def _draw_area(name: str, box: tuple[int, int, int, int]) -> int:
     mask = np.zeros((box[3], box[2]), dtype=np.uint8)
     _draw(mask, mask, name, box, 1)
     return int(mask.sum())
+
+
+def check_synthetic_settings(splits: dict[str, int], min_size: int, max_size: int, year: str = "SYN") -> None:
+    """ValueError naming the setting if these cannot make a dataset: every split needs at least one image,
+    image sides are ``min_size <= max_size``, at least an object's (6 pixels), and the year names a
+    VOC<year> folder that image sets (``<year>_<set>``) can name."""
+    problems = [f"split {name!r} needs at least 1 image, got {count}" for name, count in splits.items() if count < 1]
+    if not splits:
+        problems.append("no split to write")
+    if min_size < _MIN_OBJECT_SIZE:
+        problems.append(f"min_size must be at least {_MIN_OBJECT_SIZE} pixels (an object's side), got {min_size}")
+    if min_size > max_size:
+        problems.append(f"min_size {min_size} is above max_size {max_size}")
+    if not year or any(c in year for c in "_+/\\"):
+        problems.append(f"year {year!r} must be a non-empty name without _, +, / or \\ (image sets are <year>_<set>)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _synthetic_images(splits: dict[str, int], seed: int, min_size: int, max_size: int) -> Iterator[tuple]:
@@ -160,9 +184,11 @@ def make_synthetic_voc(
     """Write the dataset under ``root/VOC<year>/`` and return that folder.
 
     ``splits`` maps image-set names to image counts (default trainval 400, test 100). If the folder
-    already holds a dataset made with the same arguments, nothing is written again.
+    already holds a dataset made with the same arguments, nothing is written again. ValueError for settings
+    that make no dataset (:func:`check_synthetic_settings`).
     """
     splits = dict(splits or {"trainval": 400, "test": 100})
+    check_synthetic_settings(splits, min_size, max_size, year)
     folder = Path(root) / f"VOC{year}"
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
     if _up_to_date(folder, settings):
@@ -195,8 +221,9 @@ def make_synthetic_coco(
     """The same images as :func:`make_synthetic_voc` in COCO format: ``root/images/<id>.jpg`` and
     ``root/annotations/instances_<split>.json`` (image ids from 1, category ids :data:`COCO_CATEGORY_IDS`;
     VOC's difficult objects are ordinary objects here). Returns ``root``; nothing is written again if it
-    already holds this dataset."""
+    already holds this dataset. ValueError as :func:`make_synthetic_voc`."""
     splits = dict(splits or {"trainval": 400, "test": 100})
+    check_synthetic_settings(splits, min_size, max_size)
     root = Path(root)
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
     if _up_to_date(root, settings):
