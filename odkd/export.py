@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from odkd.boxes import decode
+from odkd.files import check_output_path
 from odkd.models import SSD
 from odkd.postprocess import postprocess_flat
 
@@ -62,6 +63,7 @@ def export_onnx(
         raise ImportError('ONNX export needs the export extra: pip install -e ".[export]"') from err
 
     path = Path(path)
+    check_output_path(path, "ONNX output")  # before the export's minute of tracing
     path.parent.mkdir(parents=True, exist_ok=True)
     deployed = DeployedDetector(copy.deepcopy(model).cpu().float(), postprocess, **postprocess_kwargs).eval()
     size = model.image_size

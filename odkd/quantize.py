@@ -37,6 +37,7 @@ from torchvision.ops import box_iou
 
 from odkd.data import DetectionDataset, build_transform, read_image
 from odkd.export import export_onnx
+from odkd.files import check_output_path
 from odkd.models import SSD
 from odkd.postprocess import Detections
 
@@ -209,6 +210,7 @@ def quantize_onnx(
     if source.get("producer") != "odkd" or source.get("precision", "float32") != "float32":
         raise ValueError(f"{float_path}: not a float odkd export (scripts/export_onnx.py without --int8)")
     output = Path(output)
+    check_output_path(output, "ONNX output")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
@@ -270,6 +272,7 @@ def export_int8(
 ) -> Path:
     """:func:`odkd.export.export_onnx` (same arguments, same graph interface) quantised by
     :func:`quantize_onnx`; returns the path."""
+    check_output_path(path, "ONNX output")  # before the float export and the calibration
     with tempfile.TemporaryDirectory() as folder:
         float_path = export_onnx(model, Path(folder) / "float.onnx", postprocess, opset, **postprocess_kwargs)
         return quantize_onnx(float_path, path, calibration, float_heads, reduce_range)

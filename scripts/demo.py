@@ -24,6 +24,7 @@ import torch
 from odkd.checkpoint import load_model
 from odkd.data import VOC_CLASSES, DatasetError
 from odkd.data.voc import read_image
+from odkd.files import check_output_path
 from odkd.inference import Predictor
 from odkd.visualize import draw_detections, write_image
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = parser.parse_args()
     try:
+        check_output_path(args.output, "--output", folder=True)
         model = load_model(args.checkpoint)
         files = expand_inputs(args.input)
         if args.classes:

@@ -47,6 +47,7 @@ from odkd.eval import (
     write_coco_results,
     write_devkit_results,
 )
+from odkd.files import check_output_path
 
 
 def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
@@ -187,7 +188,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "without --checkpoint or --onnx, --detections must name the detections to score (and --draw needs a model)"
         )
-    return _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
+    if args.workers < 0 or args.draw < 0:
+        parser.error(f"--workers and --draw count from 0, got {args.workers} and {args.draw}")
+    args = _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
+    # Where the results go, checked before the model runs over the set.
+    outputs = {"--output-json": args.output_json, "--pr-curves": args.pr_curves, "--draw-output": args.draw_output}
+    for what, path in outputs.items():
+        if path is not None:
+            check_output_path(path, what)
+    if args.model_file is not None:  # model mode writes the detections: devkit files into a folder, or a COCO file
+        check_output_path(args.detections, "--detections", folder=not args.coco)
+    return args
 
 
 def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:

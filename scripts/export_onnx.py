@@ -41,6 +41,7 @@ import torch
 
 from odkd.checkpoint import load_model
 from odkd.export import DeployedDetector, export_onnx
+from odkd.files import check_output_path
 from odkd.inference import Predictor
 from odkd.models import SSD
 from odkd.quantize import (
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "max_detections": args.max_detections,
         }
     try:
+        check_output_path(args.output, "--output")
         model = load_model(args.checkpoint)
         if args.int8:
             calibration = calibration_images(args, model.image_size)

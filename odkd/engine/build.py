@@ -19,6 +19,7 @@ from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import Trainer, TrainResult, latest_checkpoint
+from odkd.files import check_output_path
 from odkd.models import SSD, build_model
 
 __all__ = [
@@ -119,6 +120,7 @@ def build_trainer(
 
     ``make_task``: builds the trained module from the detector (default: :class:`DetectionTask`).
     """
+    check_output_path(cfg.train.output_dir, "train.output_dir", folder=True)  # before minutes of set-up
     info = setup_distributed(device)
     setup_logging(info)
     torch.manual_seed(cfg.train.seed)  # identical initial weights in every process
