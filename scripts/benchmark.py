@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from odkd.data import DatasetError
 from odkd.data.voc import VOC_CLASSES, Annotation
-from odkd.engine import read_metrics
+from odkd.device import select_device
+from odkd.engine import TrainingError, read_metrics
 from odkd.eval import (
     METRICS,
     evaluate,
@@ -47,9 +50,7 @@ from odkd.priors import LAYOUTS, build_priors
 def _devices(requested: str) -> list[torch.device]:
     if requested == "all":
         return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return [torch.device(requested)]
+    return [select_device(requested)]
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
@@ -243,7 +244,7 @@ def bench_eval_model(args: argparse.Namespace) -> None:
     else:
         model = build_model(args.model, num_classes=len(classes) + 1)
     dataset = VOCDataset(args.root, "SYN_test", classes)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(args.device)
     with torch.inference_mode():  # CUDA context and kernel selection are start-up, not evaluation
         model.eval().to(device)(torch.zeros(args.batch, 3, model.image_size, model.image_size, device=device))
     start = time.perf_counter()
@@ -738,7 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    args.run(args)
+    try:
+        args.run(args)
+    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

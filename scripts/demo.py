@@ -19,11 +19,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from odkd.checkpoint import load_model
 from odkd.data import VOC_CLASSES, DatasetError
 from odkd.data.voc import read_image
+from odkd.device import select_device
 from odkd.files import check_output_path
 from odkd.inference import Predictor
 from odkd.visualize import draw_detections, write_image
@@ -103,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         check_output_path(args.output, "--output", folder=True)
+        device = select_device(args.device)
         model = load_model(args.checkpoint)
         files = expand_inputs(args.input)
         if args.classes:
@@ -110,7 +111,6 @@ def main() -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     names = model.label_names
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     predictor = Predictor(model, device, score_threshold=args.min_score)  # only what is drawn goes through NMS
     args.output.mkdir(parents=True, exist_ok=True)
     latencies = []

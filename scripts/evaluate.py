@@ -69,12 +69,9 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
         where = "in the graph" if model.in_graph else "odkd's (the graph has none)"
         print(f"{args.onnx}: {model.precision}, onnxruntime on the CPU; post-processing {where}: {model.settings}")
     else:
-        import torch
-
         from odkd.checkpoint import load_model
 
-        model = load_model(args.checkpoint)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, device = load_model(args.checkpoint), args.device
     if model.num_classes != len(dataset.class_names) + 1:
         raise ValueError(
             f"{args.model_file} predicts {model.num_classes - 1} classes but the class list has "
@@ -183,6 +180,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give one model: --checkpoint (PyTorch) or --onnx (an exported file)")
     if args.onnx is not None and args.device is not None:
         parser.error("--device is for --checkpoint: an --onnx file runs on onnxruntime's CPU provider")
+    if args.checkpoint is not None:  # a CUDA device that is not there is said now, not after reading the data
+        from odkd.device import select_device
+
+        args.device = select_device(args.device)
     args.model_file = args.checkpoint or args.onnx
     if args.model_file is None and (args.detections is None or args.draw):
         parser.error(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from odkd.device import select_device
+
 __all__ = ["DistInfo", "all_reduce_sum", "backend_for", "barrier", "setup_distributed"]
 
 
@@ -37,12 +39,13 @@ def backend_for(use_cuda: bool, local_processes: int, gpus: int) -> str:
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single process.
 
-    Device: ``cuda:<LOCAL_RANK mod GPUs>`` when CUDA is available, else CPU; ``device`` forces one.
+    Device: ``cuda:<LOCAL_RANK mod GPUs>`` when CUDA is available, else CPU; ``device`` ("cuda" or "cpu")
+    forces one (ValueError for "cuda" without a CUDA device: :func:`odkd.device.select_device`).
     Backend: :func:`backend_for`.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = select_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         target = torch.device("cuda", torch.cuda.current_device())
