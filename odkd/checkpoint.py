@@ -15,7 +15,15 @@ import torch
 from odkd.files import atomic_write
 from odkd.models import SSD, Preprocessing, build_model
 
-__all__ = ["atomic_save", "init_from_checkpoint", "load_model", "model_state_dict", "save_model"]
+__all__ = [
+    "ModelFileError",
+    "atomic_save",
+    "init_from_checkpoint",
+    "load_model",
+    "model_state_dict",
+    "read_torch_file",
+    "save_model",
+]
 
 MODEL_FORMAT = "odkd-model"
 MODEL_FORMAT_VERSION = 1
@@ -42,13 +50,25 @@ def save_model(model: SSD, path: str | os.PathLike) -> None:
     )
 
 
-def _read(path: Path, map_location: str | torch.device = "cpu") -> Any:
+class ModelFileError(ValueError):
+    """A model or checkpoint file that does not load; the message names it, in one line."""
+
+
+def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (a file from elsewhere must not run code when loaded);
+    FileNotFoundError if there is no file, :class:`ModelFileError` if it does not load (a truncated copy,
+    a text file, a pickle of other objects)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"{path}: not a readable PyTorch file ({err})") from err
+    except Exception as err:  # torch raises many types here, with messages of many lines (or just "'101'")
+        reason = str(err).strip().partition("\n")[0].partition(". ")[0][:200]
+        raise ModelFileError(
+            f"{path}: not a PyTorch file that loads: truncated, damaged or another kind of file "
+            f"(torch.load: {type(err).__name__} {reason})"
+        ) from None
 
 
 def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -75,7 +95,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Rebuild a model saved by :func:`save_model`, or the detector of a training checkpoint (weights,
     classes and their names, width and preprocessing)."""
     path = Path(path)
-    data = _read(path, map_location)
+    data = read_torch_file(path, map_location)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an odkd model file")
     state = model_state_dict(data, path)
@@ -104,7 +124,7 @@ def init_from_checkpoint(model: SSD, path: str | os.PathLike, source: str = "odk
     else:
         from odkd.convert import import_checkpoint
 
-        state = import_checkpoint(_read(path), source).state_dict()
+        state = import_checkpoint(read_torch_file(path), source).state_dict()
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:

@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from odkd.checkpoint import save_model
+from odkd.checkpoint import ModelFileError, read_torch_file, save_model
 from odkd.convert import SOURCES, import_checkpoint
 
 
@@ -22,11 +20,11 @@ def main() -> None:
     parser.add_argument("--input", required=True, type=Path, help="the published .pth file")
     parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
     args = parser.parse_args()
-    if not args.input.is_file():
-        sys.exit(f"error: {args.input} does not exist")
     try:
-        # weights_only: a checkpoint from the internet must not run code when loaded.
-        state = torch.load(args.input, map_location="cpu", weights_only=True)
+        state = read_torch_file(args.input)
+    except (FileNotFoundError, ModelFileError) as err:
+        sys.exit(f"error: {err}")
+    try:
         model = import_checkpoint(state, args.source)
     except Exception as err:
         sys.exit(f"error: {args.input}: {err}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from odkd.checkpoint import atomic_save, load_model, save_model
+from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
 from odkd.models import IMAGENET, Preprocessing, build_model
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
@@ -197,7 +197,7 @@ def test_model_file_round_trip(tmp_path):
     with pytest.raises(ValueError, match=r"convert_checkpoint\.py"):
         load_model(tmp_path / "published.pth")
     (tmp_path / "broken.pt").write_bytes(b"not a zip")
-    with pytest.raises(RuntimeError, match=r"broken\.pt"):
+    with pytest.raises(ModelFileError, match=r"broken\.pt: not a PyTorch file that loads"):
         load_model(tmp_path / "broken.pt")
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odkd.boxes import decode, encode
-from odkd.checkpoint import load_model
+from odkd.checkpoint import load_model, read_torch_file
 from odkd.config import Config
 from odkd.distill import (
     BOX_DISTRIBUTIONS,
@@ -46,7 +46,7 @@ def load_teacher(path: str, source: str = "odkd") -> SSD:
     else:
         from odkd.convert import import_checkpoint
 
-        teacher = import_checkpoint(torch.load(path, map_location="cpu", weights_only=True), source)
+        teacher = import_checkpoint(read_torch_file(path), source)
     teacher.eval().requires_grad_(False)
     return teacher
 
