@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "check_output_path"]
+__all__ = ["atomic_write", "check_output_path", "json_line", "shared_file_mode", "umask"]
+
+
+def umask() -> int:
+    """The process's umask. Linux tells it in /proc; elsewhere os.umask is the only way, and it can only
+    read the mask by setting another for a moment (a thread creating a file then would get that one)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_file_mode(fd: int) -> None:
+    """Give the open file ``fd`` the mode a plain ``open()`` would (0666 less the umask): a temporary file
+    of mkstemp is 0600, which a file renamed into a shared place (a dataset's caches, a run folder
+    others read) must not keep."""
+    os.fchmod(fd, 0o666 & ~umask())
+
+
+def json_line(record: Any) -> str:
+    """``record`` as one line of strict JSON: NaN and infinities (a diverged loss, an AP without GT) become
+    null, where ``json.dumps`` writes the bare tokens NaN and Infinity that strict readers reject."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False)
 
 
 def check_output_path(path: str | os.PathLike, what: str, folder: bool = False) -> None:
@@ -33,6 +73,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        shared_file_mode(fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -392,6 +392,25 @@ def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
     assert before["ema"]["updates"] == skipped["ema"]["updates"] == 1
 
 
+def test_metrics_log_is_strict_json_with_null_for_nan(tmp_path):
+    """A NaN loss was written as the bare token NaN, which strict JSON readers (jq, JavaScript) reject."""
+    cfg = tiny_config(tmp_path, "optim.max_iters=3", "train.log_every=1", "train.eval_every=100")
+    info = setup_distributed("cpu")
+    torch.manual_seed(cfg.train.seed)
+    model = build_detector(cfg)
+    train_set, _ = build_datasets(cfg, model, info)
+    Trainer(cfg, NaNOnCalls(model, {2}), train_set, None, info, progress=False).fit()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is not strict JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r["iter"] for r in records] == [1, 2, 3]
+    assert records[1]["loss"] is None and records[1]["loc"] is None and math.isfinite(records[1]["conf"])
+    assert all(math.isfinite(records[i]["loss"]) for i in (0, 2))
+
+
 def test_resume_refuses_another_model(tmp_path):
     cfg = tiny_config(tmp_path, "optim.max_iters=2")
     make_trainer(cfg).fit()

@@ -1,12 +1,18 @@
-"""Writing files: where outputs may go."""
+"""Writing files: where outputs may go, who may read them."""
 
+import json
+import os
+import stat
 import sys
 
 import pytest
 import torch
 
 from odkd.checkpoint import save_model
-from odkd.files import check_output_path
+from odkd.data import VOCDataset
+from odkd.data.image_cache import ImageCache
+from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.files import atomic_write, check_output_path, json_line
 from odkd.models import build_model
 from tests.conftest import load_script
 
@@ -67,3 +73,31 @@ def test_scripts_refuse_an_output_path_under_a_file_at_start(tmp_path, monkeypat
     demo = ["--checkpoint", tmp_path / "m.pt", "--input", tmp_path, "--output", blocker]
     line = exit_line(load_script("demo").main, demo, monkeypatch)
     assert line == f"error: --output {blocker}: {blocker} is a file, not a folder"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_written_files_follow_the_umask(tmp_path, mask):
+    """Model files, checkpoints and a dataset's caches were 0600 whatever the umask (mkstemp's mode, kept
+    by the rename): a second user of a shared dataset could not read its caches."""
+    make_synthetic_voc(tmp_path / "voc", {"trainval": 2}, min_size=40, max_size=50)
+    old = os.umask(mask)
+    try:
+        save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.35), tmp_path / "m.pt")
+        atomic_write(tmp_path / "a" / "b.bin", lambda f: f.write(b"x"))
+        dataset = VOCDataset(tmp_path / "voc", "SYN_trainval", SYNTHETIC_CLASSES)
+        cache = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "m.pt", tmp_path / "a" / "b.bin", cache.path, *(tmp_path / "voc" / ".odkd_cache").iterdir()]
+    assert len(written) == 4
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def test_json_lines_are_strict_json():
+    line = json_line({"iter": 3, "loss": float("nan"), "terms": {"a": float("inf"), "b": [1.5, -float("inf")]}})
+    assert json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in {line}")) == {
+        "iter": 3,
+        "loss": None,
+        "terms": {"a": None, "b": [1.5, None]},
+    }

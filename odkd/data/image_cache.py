@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from odkd.data.dataset import DatasetError, DetectionDataset, read_image
+from odkd.files import shared_file_mode
 
 __all__ = ["ImageCache", "build_image_cache", "image_cache_path"]
 
@@ -96,6 +97,7 @@ def build_image_cache(
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}-", suffix=".tmp")
         tmp = Path(name)
         try:
+            shared_file_mode(handle)  # the cache may serve other users' runs too
             with os.fdopen(handle, "wb") as f:
                 f.truncate(total)
             decode = _DecodeInto(tmp, paths, shapes)

@@ -33,6 +33,7 @@ from odkd.data import DetectionDataset, build_loader, prefetch_to_device
 from odkd.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer, build_scheduler
+from odkd.files import json_line
 from odkd.inference import autocast_dtype, detect_dataset
 from odkd.visualize import training_examples, write_image
 
@@ -422,7 +423,7 @@ class Trainer:
         if not self.info.is_main:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")  # strict JSON: null for a NaN/inf value
         if self._writer is not None:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, float) and math.isfinite(value):
