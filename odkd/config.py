@@ -72,6 +72,7 @@ class DataConfig:
     ignore_classes: list[str] | None = None
     synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
+    synthetic_scale: float = 1.0  # multiplies the synthetic objects' sizes (capped at the image)
     keep_difficult: bool = False  # keep difficult objects in the training targets
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping; reads each once at start
     batch_size: int = 32  # per process

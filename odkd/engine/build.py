@@ -61,9 +61,11 @@ def write_synthetic_data(cfg: Config) -> None:
     """Write the synthetic dataset ``cfg.data`` asks for (``data.synthetic``) where it says, if missing."""
     data = cfg.data
     if data.format == "coco":
-        make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes)
+        make_synthetic_coco(
+            Path(data.coco.train_images).parent, data.synthetic_sizes, object_scale=data.synthetic_scale
+        )
     else:
-        make_synthetic_voc(data.voc_root, data.synthetic_sizes)
+        make_synthetic_voc(data.voc_root, data.synthetic_sizes, object_scale=data.synthetic_scale)
 
 
 def _dataset_options(cfg: Config) -> dict:
