@@ -1,4 +1,4 @@
-"""Chen et al. 2017 object distillation for SSD (DESIGN.md §4), as a :class:`Distiller`.
+"""Chen et al. 2017 object distillation for SSD (docs/DESIGN.md §4), as a :class:`Distiller`.
 
 ``L = mu * hard_cls + soft_cls + lam * loc + bound + hint`` with, N = positive priors in the batch:
 

@@ -1,4 +1,4 @@
-"""CrossKD (Wang et al., 2023) for SSD: distil cross-head predictions (DESIGN.md §5).
+"""CrossKD (Wang et al., 2023) for SSD: distil cross-head predictions (docs/DESIGN.md §5).
 
 The student's head intermediates (:class:`odkd.models.PredictionHead`: the depthwise conv + BN of an SSDLite
 head, before its activation) go through the frozen teacher's activation and last head conv; those

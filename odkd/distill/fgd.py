@@ -1,4 +1,4 @@
-"""FGD, Focal and Global Distillation (Yang et al., CVPR 2022) on the source feature maps (DESIGN.md §5).
+"""FGD, Focal and Global Distillation (Yang et al., CVPR 2022) on the source feature maps (docs/DESIGN.md §5).
 
 Per distilled level, with the student map adapted to the teacher's channels (``f``, a 1x1 conv) and the
 teacher map resized to the student's size, F_t / F_s of shape (C, H, W) per image:

@@ -1,4 +1,4 @@
-"""Hinton et al.'s knowledge distillation on the class logits (DESIGN.md §5).
+"""Hinton et al.'s knowledge distillation on the class logits (docs/DESIGN.md §5).
 
 ``kd = alpha * T^2 * (1/N) * sum_p KL(P_t || P_s)``, ``P = softmax(logits / T)``, over the priors of the
 hard classification loss (positives + hard-mined negatives: SSD's answer to the background imbalance),
