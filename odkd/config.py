@@ -30,7 +30,7 @@ from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.transforms import Augmentation
 from odkd.data.voc import VOC_CLASSES
 
-__all__ = ["DISTILL_METHODS", "Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
+__all__ = ["Config", "ConfigError", "check_value", "config_to_dict", "load_config", "save_config", "scaled_lr"]
 
 CLASS_LISTS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
 
@@ -136,92 +136,22 @@ class EvalConfig:
 
 
 @dataclass
-class Chen2017Config:
-    """Chen et al. 2017 object distillation; see odkd.distill.ObjectDistillationLoss."""
-
-    temperature: float = 1.0
-    w_background: float = 1.5
-    w_object: float = 1.0
-    mu: float = 0.8  # weight of the hard loss; 1 - mu for the soft one
-    mu_end: float | None = None  # with mu_ramp_iters: ramp mu linearly to mu_end
-    mu_ramp_iters: int = 0
-    nu: float = 0.5  # teacher-bounded regression weight
-    margin: float = 0.0
-    lam: float = 1.0  # regression weight
-    gamma: float = 0.5  # hint weight
-
-
-@dataclass
-class HintonConfig:
-    """Hinton KD on the class logits; see odkd.distill.HintonKD."""
-
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the KD term; 1 - alpha for the hard CE
-
-
-@dataclass
-class LDConfig:
-    """Localization distillation (distribution box heads); see odkd.distill.LocalizationDistillation.
-    The defaults are the official LD head's settings, at its scale."""
-
-    temperature: float = 10.0
-    weight: float = 0.25  # main region (positives), weighted by the IoU of the student's box with its GT
-    vlr_weight: float = 0.25  # valuable localization region, weighted by the prior's IoU with its GT
-    vlr_factor: float = 0.25  # VLR: factor * loss.iou_threshold <= DIoU < loss.iou_threshold, not positive
-    kd_weight: float = 10.0  # KD of the positives' class scores
-    kd_temperature: float = 2.0
-
-
-@dataclass
-class FGDConfig:
-    """Focal and global feature distillation; see odkd.distill.FGD (official RetinaNet settings)."""
-
-    temperature: float = 0.5
-    alpha: float = 1e-3  # foreground
-    beta: float = 5e-4  # background
-    gamma: float = 5e-4  # attention
-    lam: float = 5e-6  # global
-    levels: list[int] | None = None  # feature levels to distil (default all)
-
-
-@dataclass
-class CrossKDConfig:
-    """Cross-head distillation; see odkd.distill.CrossKD."""
-
-    temperature: float = 1.0
-    cls_weight: float = 1.0
-    reg_weight: float = 1.0  # GIoU (plain heads) or distribution KL (DFL heads), every prior weighted
-    # how a student intermediate enters the teacher's head: "standardize" (official: to the teacher's
-    # per-channel statistics, a 1x1 conv first where the widths differ) or "adapter" (a learned 1x1 conv)
-    align: Literal["standardize", "adapter"] = "standardize"
-
-
-@dataclass
 class DistillConfig:
-    """The teacher and the distillation methods of scripts/distill.py; ``methods`` picks any of the
-    sections below (their settings are ignored unless named there)."""
+    """A distillation run (``scripts/distill.py``): the teacher and the methods. ``methods`` names registered
+    distillers (:data:`odkd.distill.DISTILLERS`); each may have a section ``distill.<name>`` of settings (the
+    keyword arguments of its class, checked against it when the run is built; unset ones keep its defaults).
+    Sections of methods not in ``methods`` are kept but unused."""
 
     teacher: str | None = None  # teacher weights (distill.py --teacher overrides)
     teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
     prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
-    methods: list[str] = field(default_factory=lambda: ["chen2017"])  # e.g. [chen2017, fgd]
+    methods: list[str] = field(default_factory=list)  # e.g. [chen2017, fgd]
     # At the first step, scale each method's terms so that their gradient norm (w.r.t. the student's
     # weights) is balance_fraction x the detection loss's; the scales are logged and checkpointed.
     auto_balance: bool = False
     balance_fraction: float = 1.0
-    chen2017: Chen2017Config = field(default_factory=Chen2017Config)
-    hinton: HintonConfig = field(default_factory=HintonConfig)
-    ld: LDConfig = field(default_factory=LDConfig)
-    fgd: FGDConfig = field(default_factory=FGDConfig)
-    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
-
-    def method_settings(self) -> dict[str, dict[str, Any]]:
-        """``{method: its settings}`` for the chosen methods, in order."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in self.methods}
-
-
-# The method sections of DistillConfig (the names of odkd.distill.DISTILLERS).
-DISTILL_METHODS = ("chen2017", "hinton", "ld", "fgd", "crosskd")
+    # distill.<method>: {setting: value}; in YAML these are the section's other keys (see _distill_sections)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -232,7 +162,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig | None = None  # a distillation run; absent: the model trains on the data alone
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -249,8 +179,12 @@ class Config:
         return len(self.class_names) + 1
 
 
-def _check(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` converted to ``annotation`` (dataclass, scalar, list, dict, Literal, Optional)."""
+def check_value(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to ``annotation`` (dataclass, scalar, list, dict, Literal, Optional); a
+    :class:`ConfigError` naming the dotted ``key`` when it does not fit. Also checks the settings of
+    distillers (``odkd.distill``) against the annotations of their keyword arguments."""
+    if annotation is Any:  # checked later, by what reads it (a distiller's settings)
+        return value
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
@@ -262,7 +196,7 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _check(value, option, key)
+                return check_value(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
@@ -273,11 +207,11 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_check(k, args[0], key): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {check_value(k, args[0], key): check_value(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -291,6 +225,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if cls is DistillConfig:
+        values = _distill_sections(values)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -298,11 +234,27 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         section = f" of {prefix}" if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{section}: {sorted(names)}")
-    return cls(**{k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()})
+    return cls(**{k: check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()})
+
+
+def _distill_sections(values: dict) -> dict:
+    """The distill section as written (``distill.<method>: {settings}`` beside its own keys) -> the fields of
+    :class:`DistillConfig` (those sections under ``settings``). A key that is neither a field nor a mapping
+    stays, to be reported as unknown."""
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    sections = {k: v for k, v in values.items() if k not in names and isinstance(v, dict)}
+    if not sections:
+        return values
+    rest = {k: v for k, v in values.items() if k not in sections}
+    return {**rest, "settings": {**rest.get("settings", {}), **sections}}
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as the YAML a user writes: method settings as ``distill.<method>`` sections."""
+    tree = dataclasses.asdict(cfg)
+    if tree["distill"] is not None:
+        tree["distill"].update(tree["distill"].pop("settings"))
+    return tree
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -398,12 +350,11 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append(f"{', '.join(bad)} must be at least 1")
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
-    methods = cfg.distill.methods
-    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(DISTILL_METHODS):
-        problems.append(
-            f"distill.methods: a non-empty list of distinct names of {list(DISTILL_METHODS)}, got {methods}"
-        )
-    if cfg.distill.balance_fraction <= 0:
+    if cfg.distill is not None and (
+        not cfg.distill.methods or len(set(cfg.distill.methods)) != len(cfg.distill.methods)
+    ):
+        problems.append(f"distill.methods: name one or more distinct methods, got {cfg.distill.methods}")
+    if cfg.distill is not None and cfg.distill.balance_fraction <= 0:
         problems.append(f"distill.balance_fraction must be positive, got {cfg.distill.balance_fraction}")
     if cfg.model.dfl_bins < 0 or cfg.model.dfl_bins == 1:
         problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")

@@ -164,8 +164,8 @@ def make_synthetic_voc(
     """Write the dataset under ``root/VOC<year>/`` and return that folder.
 
     ``splits`` maps image-set names to image counts (default trainval 400, test 100); ``object_scale``
-    multiplies every class's range of object sizes (the largest at most 3/4 of the image's shorter side). If the folder already holds a
-    dataset made with the same arguments, nothing is written again.
+    multiplies every class's range of object sizes (the largest at most 3/4 of the image's shorter side).
+    If the folder already holds a dataset made with the same arguments, nothing is written again.
     """
     splits = dict(splits or {"trainval": 400, "test": 100})
     folder = Path(root) / f"VOC{year}"

@@ -26,13 +26,23 @@ from typing import ClassVar
 
 import torch
 
-from odkd.distill.base import BOXES, CONF_MAPS, LOGITS, DistillBatch, Distiller, level_adapters, resize_to
+from odkd.distill.base import (
+    BOXES,
+    CONF_MAPS,
+    LOGITS,
+    DistillBatch,
+    Distiller,
+    level_adapters,
+    register_distiller,
+    resize_to,
+)
 from odkd.losses.soft_targets import soft_cross_entropy
 from odkd.models import SSD
 
 __all__ = ["ObjectDistillationLoss"]
 
 
+@register_distiller("chen2017")
 class ObjectDistillationLoss(Distiller):
     """Returns ``soft_cls``, ``bound`` and ``hint``; scales the detection ``conf`` by mu and ``loc`` by lam.
 
@@ -54,6 +64,7 @@ class ObjectDistillationLoss(Distiller):
         self,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
+        *,
         temperature: float = 1.0,
         w_background: float = 1.5,
         w_object: float = 1.0,

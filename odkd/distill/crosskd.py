@@ -40,13 +40,21 @@ student's maps and compared with the teacher's prior for prior.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from odkd.boxes import decode, paired_giou
-from odkd.distill.base import BOXES, HEAD_INTERMEDIATES, LOGITS, DistillBatch, Distiller, adapter_1x1
+from odkd.distill.base import (
+    BOXES,
+    HEAD_INTERMEDIATES,
+    LOGITS,
+    DistillBatch,
+    Distiller,
+    adapter_1x1,
+    register_distiller,
+)
 from odkd.losses.soft_targets import kl_divergence
 from odkd.models import SSD
 
@@ -67,6 +75,7 @@ def match_channel_statistics(x: torch.Tensor, reference: torch.Tensor, eps: floa
     return (x - mean) / (std + eps) * ref_std + ref_mean
 
 
+@register_distiller("crosskd")
 class CrossKD(Distiller):
     """Returns ``cls`` and ``reg``.
 
@@ -83,10 +92,11 @@ class CrossKD(Distiller):
         self,
         conf_channels: Sequence[tuple[int, int]],
         loc_channels: Sequence[tuple[int, int]],
+        *,
         temperature: float = 1.0,
         cls_weight: float = 1.0,
         reg_weight: float = 1.0,
-        align: str = "standardize",
+        align: Literal["standardize", "adapter"] = "standardize",
     ) -> None:
         super().__init__()
         if align not in ALIGNMENTS:

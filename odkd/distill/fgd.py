@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from odkd.distill.base import FEATURES, DistillBatch, Distiller, level_adapters, resize_to
+from odkd.distill.base import FEATURES, DistillBatch, Distiller, level_adapters, register_distiller, resize_to
 from odkd.models import SSD
 
 __all__ = ["FGD", "GlobalContext", "feature_attention", "focal_masks"]
@@ -91,6 +91,7 @@ class GlobalContext(nn.Module):
         return x + self.transform(context)
 
 
+@register_distiller("fgd")
 class FGD(Distiller):
     """Returns ``focal``, ``attention`` and ``global``.
 
@@ -106,12 +107,13 @@ class FGD(Distiller):
         self,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
+        *,
         temperature: float = 0.5,
         alpha: float = 1e-3,
         beta: float = 5e-4,
         gamma: float = 5e-4,
         lam: float = 5e-6,
-        levels: Sequence[int] | None = None,
+        levels: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.levels, self.adapters = level_adapters(student_channels, teacher_channels, "fgd", levels)

@@ -48,7 +48,7 @@ from typing import ClassVar
 import torch
 
 from odkd.boxes import cxcywh_to_xyxy, decode, paired_iou
-from odkd.distill.base import BOX_DISTRIBUTIONS, LOGITS, DistillBatch, Distiller
+from odkd.distill.base import BOX_DISTRIBUTIONS, LOGITS, DistillBatch, Distiller, register_distiller
 from odkd.losses.soft_targets import kl_divergence
 from odkd.models import SSD
 
@@ -81,6 +81,7 @@ def valuable_region_iou(
     return iou.where(inside, 0.0).amax(dim=1)
 
 
+@register_distiller("ld")
 class LocalizationDistillation(Distiller):
     """Returns ``main``, ``vlr`` and ``kd`` (see the module docstring; defaults: the official settings)."""
 
@@ -89,6 +90,7 @@ class LocalizationDistillation(Distiller):
 
     def __init__(
         self,
+        *,
         temperature: float = 10.0,
         weight: float = 0.25,
         vlr_weight: float = 0.25,
