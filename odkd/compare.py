@@ -10,8 +10,8 @@ augmentation, so ``arm - baseline`` on one seed is a paired difference; over n s
     result = run_experiment(experiment)    # resumable: finished runs are reused, cut ones resumed
     write_report(result)                   # compare.md, compare.json, compare.png in experiment.output_dir
 
-An arm distils when its config names a teacher (``distill.teacher``); the experiment's teacher, when it
-has one, replaces that file. Runs go to ``<output_dir>/<arm>/seed<k>``; the final evaluation (at
+An arm distils when its config has a ``distill`` section; the experiment's teacher, when it has one,
+replaces the file that section names. Runs go to ``<output_dir>/<arm>/seed<k>``; the final evaluation (at
 ``optim.max_iters``) is what is compared. Works on any data the trainer reads, on the CPU or GPUs, and
 under torchrun (every process runs the loop; rank 0 writes the report).
 """
@@ -148,9 +148,13 @@ def _run_config(experiment: Experiment, arm: Arm, seed: int | None, teacher_file
     if seed is not None:
         overrides.append(f"train.seed={seed}")
     cfg = load_config(arm.config, overrides)
-    if cfg.distill.teacher and teacher_file is not None:  # the experiment's teacher replaces the config's
+    if cfg.distill is not None and teacher_file is not None:  # the experiment's teacher replaces the config's
         cfg = load_config(arm.config, [*overrides, f"distill.teacher={teacher_file}"])
     return cfg
+
+
+def _teacher_file(cfg: Config) -> str | None:
+    return cfg.distill.teacher if cfg.distill is not None else None
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -172,7 +176,7 @@ def earlier_run(cfg: Config) -> tuple[bool, bool]:
         same = False
     marker = out / "compare_teacher.json"
     teacher = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
-    if not same or teacher != _file_digest(cfg.distill.teacher):
+    if not same or teacher != _file_digest(_teacher_file(cfg)):
         return False, False
     finished = any(r["iter"] == cfg.optim.max_iters and "mAP" in r for r in read_metrics(out))
     return finished, not finished
@@ -181,17 +185,15 @@ def earlier_run(cfg: Config) -> tuple[bool, bool]:
 def _train(cfg: Config, device: str | None, progress: bool, fresh: bool) -> str:
     """Train (or resume, or reuse) the run of ``cfg``; returns how."""
     from odkd.engine.build import run_training
-    from odkd.engine.distill_task import build_distillation_task
 
     finished, resume = (False, False) if fresh else earlier_run(cfg)
     if finished:
         return "reused"
-    make_task = (lambda model: build_distillation_task(cfg, model)) if cfg.distill.teacher else None
     out = Path(cfg.train.output_dir)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(cfg.distill.teacher)}))
-    run_training(cfg, "auto" if resume else None, device, make_task, progress)
+        (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(_teacher_file(cfg))}))
+    run_training(cfg, "auto" if resume else None, device, progress)
     return "resumed" if resume else "trained"
 
 

@@ -33,7 +33,16 @@ from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.transforms import Augmentation
 from odkd.data.voc import VOC_CLASSES
 
-__all__ = ["DISTILL_METHODS", "Config", "ConfigError", "config_to_dict", "load_config", "save_config", "scaled_lr"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "check_value",
+    "config_to_dict",
+    "load_config",
+    "range_problems",
+    "save_config",
+    "scaled_lr",
+]
 
 CLASS_LISTS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
 
@@ -75,6 +84,7 @@ class DataConfig:
     ignore_classes: list[str] | None = None
     synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
+    synthetic_scale: float = 1.0  # multiplies the synthetic objects' sizes (capped at the image)
     keep_difficult: bool = False  # keep difficult objects in the training targets
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping; reads each once at start
     batch_size: int = 32  # per process
@@ -138,92 +148,22 @@ class EvalConfig:
 
 
 @dataclass
-class Chen2017Config:
-    """Chen et al. 2017 object distillation; see odkd.distill.ObjectDistillationLoss."""
-
-    temperature: float = 1.0
-    w_background: float = 1.5
-    w_object: float = 1.0
-    mu: float = 0.8  # weight of the hard loss; 1 - mu for the soft one
-    mu_end: float | None = None  # with mu_ramp_iters: ramp mu linearly to mu_end
-    mu_ramp_iters: int = 0
-    nu: float = 0.5  # teacher-bounded regression weight
-    margin: float = 0.0
-    lam: float = 1.0  # regression weight
-    gamma: float = 0.5  # hint weight
-
-
-@dataclass
-class HintonConfig:
-    """Hinton KD on the class logits; see odkd.distill.HintonKD."""
-
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the KD term; 1 - alpha for the hard CE
-
-
-@dataclass
-class LDConfig:
-    """Localization distillation (distribution box heads); see odkd.distill.LocalizationDistillation.
-    The defaults are the official LD head's settings, at its scale."""
-
-    temperature: float = 10.0
-    weight: float = 0.25  # main region (positives), weighted by the IoU of the student's box with its GT
-    vlr_weight: float = 0.25  # valuable localization region, weighted by the prior's IoU with its GT
-    vlr_factor: float = 0.25  # VLR: factor * loss.iou_threshold <= DIoU < loss.iou_threshold, not positive
-    kd_weight: float = 10.0  # KD of the positives' class scores
-    kd_temperature: float = 2.0
-
-
-@dataclass
-class FGDConfig:
-    """Focal and global feature distillation; see odkd.distill.FGD (official RetinaNet settings)."""
-
-    temperature: float = 0.5
-    alpha: float = 1e-3  # foreground
-    beta: float = 5e-4  # background
-    gamma: float = 5e-4  # attention
-    lam: float = 5e-6  # global
-    levels: list[int] | None = None  # feature levels to distil (default all)
-
-
-@dataclass
-class CrossKDConfig:
-    """Cross-head distillation; see odkd.distill.CrossKD."""
-
-    temperature: float = 1.0
-    cls_weight: float = 1.0
-    reg_weight: float = 1.0  # GIoU (plain heads) or distribution KL (DFL heads), every prior weighted
-    # how a student intermediate enters the teacher's head: "standardize" (official: to the teacher's
-    # per-channel statistics, a 1x1 conv first where the widths differ) or "adapter" (a learned 1x1 conv)
-    align: Literal["standardize", "adapter"] = "standardize"
-
-
-@dataclass
 class DistillConfig:
-    """The teacher and the distillation methods of scripts/distill.py; ``methods`` picks any of the
-    sections below (their settings are ignored unless named there)."""
+    """A distillation run (``scripts/distill.py``): the teacher and the methods. ``methods`` names registered
+    distillers (:data:`odkd.distill.DISTILLERS`); each may have a section ``distill.<name>`` of settings (the
+    keyword arguments of its class, checked against it when the run is built; unset ones keep its defaults).
+    Sections of methods not in ``methods`` are kept but unused."""
 
     teacher: str | None = None  # teacher weights (distill.py --teacher overrides)
     teacher_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of the teacher file
     prior_mapping: Literal["none", "iou"] = "none"  # "iou": re-map a teacher of another prior layout
-    methods: list[str] = field(default_factory=lambda: ["chen2017"])  # e.g. [chen2017, fgd]
+    methods: list[str] = field(default_factory=list)  # e.g. [chen2017, fgd]
     # At the first step, scale each method's terms so that their gradient norm (w.r.t. the student's
     # weights) is balance_fraction x the detection loss's; the scales are logged and checkpointed.
     auto_balance: bool = False
     balance_fraction: float = 1.0
-    chen2017: Chen2017Config = field(default_factory=Chen2017Config)
-    hinton: HintonConfig = field(default_factory=HintonConfig)
-    ld: LDConfig = field(default_factory=LDConfig)
-    fgd: FGDConfig = field(default_factory=FGDConfig)
-    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
-
-    def method_settings(self) -> dict[str, dict[str, Any]]:
-        """``{method: its settings}`` for the chosen methods, in order."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in self.methods}
-
-
-# The method sections of DistillConfig (the names of odkd.distill.DISTILLERS).
-DISTILL_METHODS = ("chen2017", "hinton", "ld", "fgd", "crosskd")
+    # distill.<method>: {setting: value}; in YAML these are the section's other keys (see _distill_sections)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,7 +174,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig | None = None  # a distillation run; absent: the model trains on the data alone
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -251,8 +191,12 @@ class Config:
         return len(self.class_names) + 1
 
 
-def _check(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` converted to ``annotation`` (dataclass, scalar, list, dict, Literal, Optional)."""
+def check_value(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to ``annotation`` (dataclass, scalar, list, dict, Literal, Optional); a
+    :class:`ConfigError` naming the dotted ``key`` when it does not fit. Also checks the settings of
+    distillers (``odkd.distill``) against the annotations of their keyword arguments."""
+    if annotation is Any:  # checked later, by what reads it (a distiller's settings)
+        return value
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
@@ -264,7 +208,7 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _check(value, option, key)
+                return check_value(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {annotation}")
@@ -275,11 +219,11 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_check(k, args[0], key): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {check_value(k, args[0], key): check_value(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -293,6 +237,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if cls is DistillConfig:
+        values = _distill_sections(values)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -300,11 +246,27 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         section = f" of {prefix}" if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{section}: {sorted(names)}")
-    return cls(**{k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()})
+    return cls(**{k: check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()})
+
+
+def _distill_sections(values: dict) -> dict:
+    """The distill section as written (``distill.<method>: {settings}`` beside its own keys) -> the fields of
+    :class:`DistillConfig` (those sections under ``settings``). A key that is neither a field nor a mapping
+    stays, to be reported as unknown."""
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    sections = {k: v for k, v in values.items() if k not in names and isinstance(v, dict)}
+    if not sections:
+        return values
+    rest = {k: v for k, v in values.items() if k not in sections}
+    return {**rest, "settings": {**rest.get("settings", {}), **sections}}
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as the YAML a user writes: method settings as ``distill.<method>`` sections."""
+    tree = dataclasses.asdict(cfg)
+    if tree["distill"] is not None:
+        tree["distill"].update(tree["distill"].pop("settings"))
+    return tree
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -370,75 +332,67 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # Ranges the types cannot express: dotted key -> (test, what the value must be). Lists and mappings are
-# checked item by item; None (an optional setting left unset) passes; distill.<method>.* is checked for the
-# chosen methods only (the others' settings are ignored).
-_Range = tuple[Callable[[Any], bool], str]
-_POSITIVE: _Range = (lambda v: v > 0, "positive")
-_NOT_NEGATIVE: _Range = (lambda v: v >= 0, "at least 0")
-_COUNT: _Range = (lambda v: v >= 1, "at least 1")
-_PROBABILITY: _Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
-_FRACTION: _Range = (lambda v: 0 <= v < 1, "in [0, 1)")
-_IOU: _Range = (lambda v: 0 < v <= 1, "in (0, 1]")
-_RANGES: dict[str, _Range] = {
-    "model.width_mult": _POSITIVE,
-    "data.synthetic_sizes": _COUNT,
+# checked item by item; None (an optional setting left unset) passes. A distiller's settings are checked
+# against the ranges it declares (odkd.distill.base.Distiller.ranges) when the distiller is built.
+Range = tuple[Callable[[Any], bool], str]
+POSITIVE: Range = (lambda v: v > 0, "positive")
+NOT_NEGATIVE: Range = (lambda v: v >= 0, "at least 0")
+COUNT: Range = (lambda v: v >= 1, "at least 1")
+PROBABILITY: Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
+FRACTION: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
+IOU: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
+_RANGES: dict[str, Range] = {
+    "model.width_mult": POSITIVE,
+    "data.synthetic_sizes": COUNT,
     "data.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm needs two images per process in training)"),
-    "data.num_workers": _NOT_NEGATIVE,
-    "loss.neg_pos_ratio": _POSITIVE,
-    "loss.iou_threshold": _IOU,
-    "loss.dfl_weight": _NOT_NEGATIVE,
-    "optim.lr": _POSITIVE,
-    "optim.reference_batch_size": _COUNT,
-    "optim.momentum": _FRACTION,
-    "optim.weight_decay": _NOT_NEGATIVE,
-    "optim.max_iters": _COUNT,
-    "optim.milestones": _COUNT,
-    "optim.gamma": _POSITIVE,
-    "optim.warmup_iters": _NOT_NEGATIVE,
-    "optim.warmup_factor": _IOU,
-    "optim.grad_clip": _POSITIVE,
+    "data.num_workers": NOT_NEGATIVE,
+    "loss.neg_pos_ratio": POSITIVE,
+    "loss.iou_threshold": IOU,
+    "loss.dfl_weight": NOT_NEGATIVE,
+    "optim.lr": POSITIVE,
+    "optim.reference_batch_size": COUNT,
+    "optim.momentum": FRACTION,
+    "optim.weight_decay": NOT_NEGATIVE,
+    "optim.max_iters": COUNT,
+    "optim.milestones": COUNT,
+    "optim.gamma": POSITIVE,
+    "optim.warmup_iters": NOT_NEGATIVE,
+    "optim.warmup_factor": IOU,
+    "optim.grad_clip": POSITIVE,
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     **dict.fromkeys(
         ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.max_bad_steps"),
-        _COUNT,
+        COUNT,
     ),
-    "eval.batch_size": _COUNT,
-    "eval.score_threshold": _FRACTION,
-    "eval.nms_threshold": _IOU,
-    "eval.top_k": _COUNT,
-    "eval.max_detections": _COUNT,
-    "distill.balance_fraction": _POSITIVE,
-    **{f"distill.{method}.temperature": _POSITIVE for method in ("chen2017", "hinton", "ld", "fgd", "crosskd")},
-    **{f"distill.chen2017.{key}": _NOT_NEGATIVE for key in ("w_background", "w_object", "nu", "margin", "lam")},
-    "distill.chen2017.gamma": _NOT_NEGATIVE,
-    "distill.chen2017.mu": _PROBABILITY,
-    "distill.chen2017.mu_end": _PROBABILITY,
-    "distill.chen2017.mu_ramp_iters": _NOT_NEGATIVE,
-    "distill.hinton.alpha": _PROBABILITY,
-    **{f"distill.ld.{key}": _NOT_NEGATIVE for key in ("weight", "vlr_weight", "kd_weight")},
-    "distill.ld.vlr_factor": _FRACTION,
-    "distill.ld.kd_temperature": _POSITIVE,
-    **{f"distill.fgd.{key}": _NOT_NEGATIVE for key in ("alpha", "beta", "gamma", "lam", "levels")},
-    **{f"distill.crosskd.{key}": _NOT_NEGATIVE for key in ("cls_weight", "reg_weight")},
+    "eval.batch_size": COUNT,
+    "eval.score_threshold": FRACTION,
+    "eval.nms_threshold": IOU,
+    "eval.top_k": COUNT,
+    "eval.max_detections": COUNT,
+    "distill.balance_fraction": POSITIVE,
 }
 
 
+def range_problems(key: str, value: Any, limit: Range) -> list[str]:
+    """What is wrong with setting ``key`` = ``value`` against ``limit`` (lists and mappings item by item;
+    None passes), each problem naming its dotted key; empty when all is well."""
+    test, requirement = limit
+    if isinstance(value, dict):
+        items = [(f"{key}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(key, value)]
+    return [f"{name} must be {requirement}, got {v!r}" for name, v in items if v is not None and not test(v)]
+
+
 def _range_problems(cfg: Config) -> list[str]:
-    """The settings of ``cfg`` outside their :data:`_RANGES`, each naming its dotted key."""
+    """The settings of ``cfg`` outside their :data:`_RANGES`."""
     problems = []
-    for key, (test, requirement) in _RANGES.items():
-        section, _, rest = key.partition(".")
-        if section == "distill" and "." in rest and rest.partition(".")[0] not in cfg.distill.methods:
-            continue
-        value = functools.reduce(getattr, key.split("."), cfg)
-        if isinstance(value, dict):
-            items = [(f"{key}.{k}", v) for k, v in value.items()]
-        elif isinstance(value, list):
-            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        else:
-            items = [(key, value)]
-        problems += [f"{name} must be {requirement}, got {v!r}" for name, v in items if v is not None and not test(v)]
+    for key, limit in _RANGES.items():
+        if getattr(cfg, key.partition(".")[0]) is not None:  # an optional section (distill) may be left out
+            problems += range_problems(key, functools.reduce(getattr, key.split("."), cfg), limit)
     return problems
 
 
@@ -471,14 +425,10 @@ def _validate(cfg: Config, source: str) -> None:
     problems += _range_problems(cfg)
     if sorted(cfg.optim.milestones) != cfg.optim.milestones:
         problems.append(f"optim.milestones must increase, got {cfg.optim.milestones}")
-    methods = cfg.distill.methods
-    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(DISTILL_METHODS):
-        problems.append(
-            f"distill.methods: a non-empty list of distinct names of {list(DISTILL_METHODS)}, got {methods}"
-        )
-    chen2017 = cfg.distill.chen2017
-    if "chen2017" in methods and (chen2017.mu_end is None) != (chen2017.mu_ramp_iters == 0):
-        problems.append("distill.chen2017.mu_end and distill.chen2017.mu_ramp_iters > 0 go together (a mu schedule)")
+    if cfg.distill is not None and (
+        not cfg.distill.methods or len(set(cfg.distill.methods)) != len(cfg.distill.methods)
+    ):
+        problems.append(f"distill.methods: name one or more distinct methods, got {cfg.distill.methods}")
     if cfg.model.dfl_bins < 0 or cfg.model.dfl_bins == 1:
         problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")
     if problems:

@@ -1,6 +1,6 @@
 """Assigning ground-truth boxes to priors (SSD matching), batched over images.
 
-Rule (DESIGN.md §2, as in the SSD paper and ssd.pytorch):
+Rule (docs/DESIGN.md §2, as in the SSD paper and ssd.pytorch):
 
 1. IoU of every GT with every prior; each prior takes the GT of highest IoU.
 2. Each GT also claims its own best prior, which becomes positive whatever its IoU; when several

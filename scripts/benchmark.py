@@ -13,7 +13,6 @@ python scripts/benchmark.py onnx --checkpoint CKPT   # CPU latency: PyTorch, onn
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from odkd.data import DatasetError
 from odkd.data.voc import VOC_CLASSES, Annotation
 from odkd.device import select_device
 from odkd.engine import TrainingError, read_metrics
+from odkd.engine.trainer import HookBase
 from odkd.eval import (
     METRICS,
     evaluate,
@@ -336,9 +336,6 @@ def bench_loader(args: argparse.Namespace) -> None:
             )
 
 
-PHASES = ("data wait", "forward", "matching + loss", "backward", "optimizer")
-
-
 def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log_every: int):
     """The benchmark's run config: --model at --batch, synthetic 375-500 px JPEGs, AMP / channels_last /
     compile as asked, no evaluation, a checkpoint only at the end."""
@@ -363,70 +360,32 @@ def _train_config(args: argparse.Namespace, output_dir: str, max_iters: int, log
     return load_config(None, overrides)
 
 
-def _make_task(cfg, args: argparse.Namespace):
-    """None (detection) or a distillation task factory with a randomly initialised --teacher-model
-    (speed does not depend on the weights)."""
+def _teacher(args: argparse.Namespace, cfg):
+    """A distillation benchmark's teacher: a randomly initialised --teacher-model (speed does not depend on
+    the weights); None for a training benchmark."""
     if args.benchmark != "distill":
         return None
-    from odkd.engine.distill_task import build_distillation_task
-
-    def make(model):
-        teacher = build_model(args.teacher_model, num_classes=model.num_classes, dfl_bins=model.dfl_bins)
-        return build_distillation_task(cfg, model, teacher.eval().requires_grad_(False))
-
-    return make
+    teacher = build_model(args.teacher_model, num_classes=cfg.num_classes, dfl_bins=cfg.model.dfl_bins)
+    return teacher.eval().requires_grad_(False)
 
 
-def _phase_times(trainer, iters: int, warmup: int) -> dict[str, float]:
-    """Median seconds per phase of one training step, synchronising the device after each phase."""
-    from odkd.data import build_loader, prefetch_to_device
-    from odkd.engine.trainer import begin_compiled_step
+class _TimePhasesFrom(HookBase):
+    """From iteration ``start`` on, the trainer splits its step into phases (the device synchronised after
+    each) and records their times: the throughput is measured before, the breakdown after (``on_start``
+    is called when it begins)."""
 
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    cfg = trainer.cfg
-    loader = build_loader(
-        trainer.train_set, cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
-        max_iters=warmup + iters, seed=1, gt_slots=trainer.gt_slots,
-    )  # fmt: skip
-    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    task = trainer.task.train()
-    # The pieces compiled as the trainer compiles the whole (two graphs here, one there).
-    mode = cfg.train.compile_mode
-    predict, losses = (
-        (torch.compile(task.predict, mode=mode), torch.compile(task.losses, mode=mode))
-        if cfg.train.compile
-        else (task.predict, task.losses)
-    )
-    batches = prefetch_to_device(loader, trainer.device)
-    for step in range(warmup + iters):
-        marks = [time.perf_counter()]
-        images, boxes, labels = next(batches)
-        if cfg.train.compile:
-            begin_compiled_step(boxes, labels, fixed_gt_slots=trainer.gt_slots > 0)
-        sync()
-        marks.append(time.perf_counter())
-        with trainer.autocast():
-            outputs = predict(images)
-            sync()
-            marks.append(time.perf_counter())
-            loss = sum(losses(outputs, boxes, labels).values())
-        sync()
-        marks.append(time.perf_counter())
-        trainer.backward(loss)
-        sync()
-        marks.append(time.perf_counter())
-        trainer.optimizer_step()
-        trainer.scheduler.step()
-        sync()
-        marks.append(time.perf_counter())
-        if step >= warmup:
-            for phase, (start, end) in zip(PHASES, itertools.pairwise(marks), strict=True):
-                times[phase].append(end - start)
-    return {phase: statistics.median(values) for phase, values in times.items()}
+    def __init__(self, start: int, on_start: Callable[[], None]) -> None:
+        self.start, self.on_start = start, on_start
+
+    def before_step(self) -> None:
+        if self.trainer.iteration == self.start:
+            self.on_start()
+            self.trainer.time_phases = True
 
 
 def bench_train(args: argparse.Namespace) -> None:
-    """Training (or distillation) throughput: the trainer's own loop end to end, then a phase breakdown."""
+    """Training (or distillation) throughput: the trainer's own loop end to end, then, continuing the same
+    run, its own step split into phases (the device synchronised after each)."""
     from odkd.data.synthetic import make_synthetic_voc
     from odkd.engine.build import build_trainer
     from odkd.engine.distributed import barrier, setup_distributed
@@ -435,48 +394,51 @@ def bench_train(args: argparse.Namespace) -> None:
     if info.is_main:
         make_synthetic_voc(args.root, {"trainval": args.images}, min_size=375, max_size=500)
     barrier(info)
-    total = args.warmup + args.iters
+    timed = args.warmup + args.iters  # iterations of the throughput part; as many again for the phases
     with tempfile.TemporaryDirectory() as folder:
-        cfg = _train_config(args, folder, total, log_every=args.warmup)
-        trainer = build_trainer(cfg, args.device, _make_task(cfg, args), progress=False)
+        cfg = _train_config(args, folder, timed + (0 if info.distributed else args.iters), log_every=args.warmup)
+        trainer = build_trainer(cfg, args.device, progress=False, teacher=_teacher(args, cfg))
+        busy = GpuBusySampler(trainer.device)
+        trainer.register(_TimePhasesFrom(timed, on_start=lambda: busy.__exit__(None, None, None)))
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
         start = time.perf_counter()
-        with GpuBusySampler(trainer.device) as busy:
+        with busy:
             trainer.fit()
         wall = time.perf_counter() - start
         records = read_metrics(folder)
     if not trainer.info.is_main:
         return
-    steady = [r["images_per_s"] for r in records if "images_per_s" in r][1:]  # the first window is warm-up
+    steady = [r["images_per_s"] for r in records if "images_per_s" in r and r["iter"] <= timed][1:]  # after warm-up
     what = f"{args.model} x{args.width}"
     if args.benchmark == "distill":
         what += f" distilled from {args.teacher_model} ({' + '.join(args.methods)})"
     precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32"
-    channels_last = args.channels_last and trainer.device.type == "cuda"
     print(
         f"{args.benchmark}: {what}, batch {args.batch} per process x {trainer.info.world_size}, "
-        f"{trainer.model.image_size} px, {precision}, channels_last {channels_last}, "
-        f"compile {args.compile} ({args.compile_mode}), GT slots {trainer.gt_slots or 'per batch'}, "
+        f"{trainer.model.image_size} px, {precision}, channels_last {args.channels_last}, "
+        f"compile {args.compile} ({args.compile_mode}), GT slots {'fixed' if trainer.fixed_gt_slots else 'per batch'}, "
         f"{args.workers} loader workers; "
         f"{_device_name(trainer.device)}, torch {torch.__version__}"
     )
     print(
         f"end to end, the trainer's loop: {statistics.mean(steady):.1f} images/s in total (iterations "
-        f"{args.warmup + 1}-{total}); {wall:.1f} s for all {total} iterations with start-up"
+        f"{args.warmup + 1}-{timed}); {wall:.1f} s for all {trainer.iteration} iterations with start-up"
     )
     if trainer.device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.2f} GiB")
         print(f"GPU busy during the loop (NVML, after the first 20% of the run): {busy.summary()}")
     if trainer.info.distributed:
-        return  # the phase breakdown times one process's step pieces, outside DDP's wrapper
-    phases = _phase_times(trainer, args.iters, args.warmup)
+        return  # the phases are timed outside DDP's wrapper, on one process
+    phases = {phase: statistics.median(times[-args.iters :]) for phase, times in trainer.phase_times.items()}
     step = sum(phases.values())
     print(f"phase breakdown (median per iteration, device synchronised after each phase, {args.iters} iterations):")
     for phase, seconds in phases.items():
         print(f"  {phase:<16}{1000 * seconds:9.1f} ms {100 * seconds / step:5.1f}%")
-    busy = 1 - phases["data wait"] / step
-    print(f"  {'step':<16}{1000 * step:9.1f} ms -> {args.batch / step:.1f} images/s; device busy {100 * busy:.1f}%")
+    busy_share = 1 - phases["data wait"] / step
+    print(
+        f"  {'step':<16}{1000 * step:9.1f} ms -> {args.batch / step:.1f} images/s; device busy {100 * busy_share:.1f}%"
+    )
 
 
 class GpuBusySampler:

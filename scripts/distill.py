@@ -7,8 +7,9 @@
     torchrun --nproc_per_node=8 scripts/distill.py --config configs/distill_vgg16_ssd300_to_mbv2.yaml \\
         --teacher ssd300_mAP_77.43_v2.pth distill.teacher_source=ssd.pytorch
 
-Same trainer as train_teacher.py (AMP, DDP, --resume, evaluation, logs). The exported student
-(best.pt, model_final.pt) holds the student only; training checkpoints also hold the adaptation layers.
+Same trainer as train_teacher.py (AMP, DDP, --resume, evaluation, logs); the config's distill section says
+what is distilled. The exported student (best.pt, model_final.pt) holds the student only; training
+checkpoints also hold the adaptation layers.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from odkd.config import load_config
-from odkd.data import DatasetError
-from odkd.engine import TrainingError
-from odkd.engine.build import run_training, summary
-from odkd.engine.distill_task import build_distillation_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_distill_synthetic.yaml"
 
@@ -35,23 +30,31 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
     overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
+
+    from odkd.config import load_config
+    from odkd.data import DatasetError
+    from odkd.engine import TrainingError
+    from odkd.engine.build import run_training, summary
+
     try:
         cfg = load_config(args.config, overrides)
+        if cfg.distill is None:
+            raise ValueError(
+                f"{args.config} has no distill section (distill.methods, distill.teacher): nothing to distil; "
+                f"train it alone with python scripts/train_teacher.py --config {args.config}"
+            )
         if cfg.distill.teacher and not Path(cfg.distill.teacher).is_file():
             hint = " (train it first: python scripts/train_teacher.py)" if args.config == DEFAULT_CONFIG else ""
             raise FileNotFoundError(f"teacher {cfg.distill.teacher} does not exist{hint}")
-        result, info = run_training(cfg, args.resume, args.device, lambda model: build_distillation_task(cfg, model))
+        result, info = run_training(cfg, args.resume, args.device)
     except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         sys.exit(f"error: {err}")
     if info.is_main:
-        print(
-            summary(
-                cfg,
-                result,
-                f"student {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher} "
-                f"({' + '.join(cfg.distill.methods)})",
-            )
+        headline = (
+            f"student {cfg.model.name} x{cfg.model.width_mult} distilled from {cfg.distill.teacher} "
+            f"({' + '.join(cfg.distill.methods)})"
         )
+        print(summary(cfg, result, headline))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def plan_experiment(args: argparse.Namespace) -> dict:
 
     measured = throughput_numbers(log_blocks(Path(args.throughput_log)).get("student", []))["images_per_s"]
     speed = SPEED_DISCOUNT * measured if measured else FALLBACK_IMAGES_PER_S
-    cost = {name: COST_DISTILLED if cfg.distill.teacher else 1.0 for name, cfg in configs.items()}
+    cost = {name: COST_DISTILLED if cfg.distill is not None else 1.0 for name, cfg in configs.items()}
 
     def seconds(name: str, iterations: int) -> float:
         return iterations * configs[name].data.batch_size * cost[name] / speed

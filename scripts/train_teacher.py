@@ -1,11 +1,13 @@
-"""Train an SSD detector (a teacher, or a student without distillation).
+"""Train an SSD detector on its data alone (a teacher, or a student baseline without distillation).
 
-    python scripts/train_teacher.py                        # CPU demo: synthetic data, a few minutes
+    python scripts/train_teacher.py                        # CPU demo teacher: synthetic data, a few minutes
     python scripts/train_teacher.py --config configs/vgg16_ssd300_voc0712.yaml data.voc_root=/data/VOCdevkit
     torchrun --nproc_per_node=8 scripts/train_teacher.py --config configs/vgg16_ssd300_voc0712.yaml
     python scripts/train_teacher.py --config ... --resume auto    # continue the run in train.output_dir
 
-Any config key can be overridden after the options: optim.max_iters=1000 data.batch_size=16.
+Any config key can be overridden after the options: optim.max_iters=1000 data.batch_size=16. A config
+with a distill section is refused: distillation runs through scripts/distill.py, so that a run is never
+something other than what its script's name says.
 """
 
 from __future__ import annotations
@@ -13,11 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from odkd.config import load_config
-from odkd.data import DatasetError
-from odkd.engine import TrainingError
-from odkd.engine.build import run_training, summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_teacher_synthetic.yaml"
 
@@ -29,8 +26,19 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
+
+    from odkd.config import load_config
+    from odkd.data import DatasetError
+    from odkd.engine import TrainingError
+    from odkd.engine.build import run_training, summary
+
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.distill is not None:
+            raise ValueError(
+                f"{args.config} distils a student from a teacher (it has a distill section): run "
+                f"python scripts/distill.py --config {args.config}"
+            )
         result, info = run_training(cfg, args.resume, args.device)
     except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         sys.exit(f"error: {err}")

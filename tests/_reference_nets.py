@@ -1,6 +1,6 @@
 """The two published networks written as plain functions of their own state dicts.
 
-These follow the architectures as documented (DESIGN.md §3 and the key layouts in
+These follow the architectures as documented (docs/DESIGN.md §3 and the key layouts in
 tests/data/checkpoint_layouts.json, which are ssd.pytorch's and qfgaohao's state-dict layouts), with
 torch.nn.functional only. They share no code with odkd, so an imported odkd model that computes the
 same outputs has its weights in the right places and its prior order right.

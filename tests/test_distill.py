@@ -10,7 +10,9 @@ from odkd.boxes import decode, encode
 from odkd.checkpoint import load_model, save_model
 from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
+from odkd.distill import FEATURES, Distiller, register_distiller
 from odkd.engine import DetectionTask
+from odkd.engine.build import run_training
 from odkd.engine.distill_task import build_distillation_task
 from odkd.engine.ema import ModelEMA
 from odkd.engine.schedule import build_optimizer
@@ -40,7 +42,8 @@ def test_remapped_teacher_boxes_are_the_same_boxes():
 
 
 def tiny_cfg(*extra):
-    return load_config(None, ["model.width_mult=0.5", "data.classes=[a, b]", *extra])
+    """A distillation config (Chen 2017 unless ``extra`` names other methods) for 2-class tiny models."""
+    return load_config(None, ["model.width_mult=0.5", "data.classes=[a, b]", "distill.methods=[chen2017]", *extra])
 
 
 def tiny_batch():
@@ -232,6 +235,7 @@ def test_distill_script_exports_the_student_only(tmp_path, run_script):
         "distill.py", "--teacher", tmp_path / "teacher.pt", "--device", "cpu", f"data.voc_root={tmp_path / 'voc'}",
         "data.batch_size=2", "data.num_workers=0", "optim.max_iters=2", "optim.warmup_iters=1",
         f"train.output_dir={tmp_path / 'run'}", "train.eval_every=2", "train.checkpoint_every=2",
+        "model.width_mult=0.5", "distill.methods=[chen2017]", "data.synthetic_sizes={trainval: 6, test: 3}",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "voc07 mAP on SYN_test" in done.stdout
@@ -271,6 +275,41 @@ def test_a_teacher_file_that_is_not_a_model_is_named_in_one_line(tmp_path, monke
         assert line.startswith(f"{expected} (torch.load: ") and "\n" not in line, line
 
 
+class ToyFeatureMatch(Distiller):
+    """A method defined outside odkd: the mean squared gap of the last feature maps, times ``weight``."""
+
+    needs = frozenset({FEATURES})
+
+    def __init__(self, *, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, batch):
+        student, teacher = batch.student.features[-1], batch.teacher.features[-1].detach()
+        return {"gap": self.weight * (student.float() - teacher.float()).pow(2).mean()}
+
+
+def test_a_method_of_ones_own_trains_through_a_config(tmp_path):
+    """One class, registered from this test file: a config names it and sets its weight, and a run trains
+    with it (its term logged, its setting checked) without any change to odkd."""
+    register_distiller("toy_feature_match")(ToyFeatureMatch)
+    make_synthetic_voc(tmp_path / "voc", {"trainval": 4, "test": 2}, seed=2, min_size=100, max_size=160)
+    torch.manual_seed(0)
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5), tmp_path / "teacher.pt")
+    overrides = [
+        "model.width_mult=0.5", f"data.voc_root={tmp_path / 'voc'}", "data.batch_size=2", "data.num_workers=0",
+        "data.test_sets=''", "optim.max_iters=2", "optim.warmup_iters=1", f"train.output_dir={tmp_path / 'run'}",
+        f"distill.teacher={tmp_path / 'teacher.pt'}", "distill.methods=[toy_feature_match]",
+        "distill.toy_feature_match.weight=3",
+    ]  # fmt: skip
+    result, _ = run_training(load_config(None, overrides), device="cpu", progress=False)
+    assert result.iteration == 2
+    logged = [r for r in read_metrics(tmp_path / "run") if "toy_feature_match/gap" in r]
+    assert [r["iter"] for r in logged] == [2] and logged[0]["toy_feature_match/gap"] > 0
+    with pytest.raises(ValueError, match=r"unknown setting distill\.toy_feature_match\.wieght"):
+        run_training(load_config(None, [*overrides, "distill.toy_feature_match.wieght=3"]), device="cpu")
+
+
 def test_distillation_resumes_exactly(tmp_path):
     """chen2017 (mu ramp) + fgd: adapters, context blocks and the iteration count come back exactly."""
     from odkd.engine.build import build_trainer
@@ -290,7 +329,7 @@ def test_distillation_resumes_exactly(tmp_path):
     )  # fmt: skip
 
     def trainer():
-        return build_trainer(cfg, "cpu", lambda model: build_distillation_task(cfg, model), progress=False)
+        return build_trainer(cfg, "cpu", progress=False)
 
     straight = trainer()
     straight.fit()

@@ -1,4 +1,4 @@
-"""Each distiller on tiny hand-computed examples (DESIGN.md §4-5)."""
+"""Each distiller on tiny hand-computed examples (docs/DESIGN.md §4-5)."""
 
 import math
 

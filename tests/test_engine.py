@@ -2,7 +2,6 @@
 cases, marked ``cuda``, run only where a GPU is)."""
 
 import json
-import logging
 import math
 import os
 import re
@@ -18,13 +17,15 @@ import torch
 
 from odkd.checkpoint import load_model
 from odkd.config import load_config
+from odkd.data import build_loader
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_distributed
-from odkd.engine.build import build_datasets, build_detector
+from odkd.engine.build import build_datasets, build_detector, build_trainer, train_gt_slots
 from odkd.engine.distributed import backend_for
 from odkd.engine.ema import ModelEMA
-from odkd.engine.schedule import build_optimizer
-from odkd.engine.trainer import latest_checkpoint, match_state_layout, read_metrics, train_gt_slots
+from odkd.engine.hooks import CheckpointHook, EMAHook, MetricsHook
+from odkd.engine.schedule import build_optimizer, build_scheduler
+from odkd.engine.trainer import latest_checkpoint, match_state_layout, read_metrics
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -157,11 +158,11 @@ def test_data_augment_settings_reach_the_train_pipeline(tmp_path):
 
 
 def make_trainer(cfg, device="cpu"):
-    info = setup_distributed(device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_detector(cfg)
-    train_set, test_set = build_datasets(cfg, model, info)
-    return Trainer(cfg, DetectionTask(model), train_set, test_set, info, progress=False)
+    return build_trainer(cfg, device, progress=False)
+
+
+def ema_of(trainer) -> ModelEMA:
+    return next(hook.ema for hook in trainer.hooks if isinstance(hook, EMAHook))
 
 
 def test_short_run_writes_everything(tmp_path):
@@ -199,8 +200,9 @@ def test_gt_padding_modes_and_fixed_slots_train_the_same(tmp_path):
         lines = (tmp_path / padding / "run" / "metrics.jsonl").read_text().splitlines()
         train = [json.loads(line) for line in lines if '"loss"' in line]
         records[padding] = [{k: v for k, v in r.items() if k != "images_per_s"} for r in train]
-    counts = sorted(int((~a.difficult).sum()) for a in trainer.train_set.annotations)  # difficult ones dropped
-    assert trainer.gt_slots == counts[-1] > counts[0]  # some batches get padded slots
+    train_set, _ = build_datasets(cfg, trainer.model, trainer.info)
+    counts = sorted(int((~a.difficult).sum()) for a in train_set.annotations)  # difficult ones dropped
+    assert trainer.fixed_gt_slots and train_gt_slots(cfg, train_set, trainer.device) == counts[-1] > counts[0]
     # Padded GT slots match nothing: the same losses and updates, to float rounding.
     assert len(records["batch"]) == 2
     for plain, padded in zip(records["batch"], records["dataset"], strict=True):
@@ -208,13 +210,10 @@ def test_gt_padding_modes_and_fixed_slots_train_the_same(tmp_path):
     # "auto" pads only where CUDA graphs replay the step, which needs one shape.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     graphs = tiny_config(tmp_path / "auto", "train.compile=true", "train.compile_mode=reduce-overhead")
-    assert train_gt_slots(graphs, trainer.train_set, cuda) == trainer.train_set.max_objects
-    assert train_gt_slots(graphs, trainer.train_set, cpu) == 0
-    assert (
-        train_gt_slots(replace(graphs, train=replace(graphs.train, compile_mode="default")), trainer.train_set, cuda)
-        == 0
-    )
-    assert train_gt_slots(replace(graphs, data=replace(graphs.data, gt_padding="batch")), trainer.train_set, cuda) == 0
+    assert train_gt_slots(graphs, train_set, cuda) == train_set.max_objects
+    assert train_gt_slots(graphs, train_set, cpu) == 0
+    assert train_gt_slots(replace(graphs, train=replace(graphs.train, compile_mode="default")), train_set, cuda) == 0
+    assert train_gt_slots(replace(graphs, data=replace(graphs.data, gt_padding="batch")), train_set, cuda) == 0
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -229,8 +228,10 @@ def test_resume_continues_exactly(tmp_path):
     assert [(r["iter"], "mAP" in r) for r in records] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     a, b = straight.task.state_dict(), resumed.task.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a) and straight.ema.updates == resumed.ema.updates == 4
+    ema_a, ema_b = ema_of(straight).module.state_dict(), ema_of(resumed).module.state_dict()
+    assert (
+        all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a) and ema_of(straight).updates == ema_of(resumed).updates == 4
+    )
     # A training checkpoint read as a model gives its EMA weights (evaluate.py --checkpoint, a teacher).
     model = load_model(tmp_path / "run" / "checkpoint_0000004.pt")
     assert all(torch.equal(v, ema_a[k]) for k, v in model.state_dict().items())
@@ -286,14 +287,17 @@ def test_cuda_training_runs_in_bf16_channels_last_with_fused_sgd(tmp_path):
     """train.amp on CUDA: bf16 autocast without a GradScaler (the H100/H200 have bf16), channels_last
     weights, the fused SGD step; the model computes in bf16, the losses come out in float32, and a short
     run trains and evaluates without a skipped step."""
-    from odkd.data import build_loader, prefetch_to_device
+    from odkd.data import prefetch_to_device
 
-    trainer = make_trainer(tiny_config(tmp_path, "optim.max_iters=6", "train.eval_every=6"), "cuda")
+    cfg = tiny_config(tmp_path, "optim.max_iters=6", "train.eval_every=6")
+    trainer = make_trainer(cfg, "cuda")
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     assert trainer.optimizer.param_groups[0]["fused"]
     convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    loader = build_loader(trainer.train_set, 2, train=True, num_workers=0, max_iters=1)
+    loader = build_loader(
+        build_datasets(cfg, trainer.model, trainer.info)[0], 2, train=True, num_workers=0, max_iters=1
+    )
     images, boxes, labels = next(prefetch_to_device(loader, trainer.device))
     with trainer.autocast():
         outputs = trainer.task.predict(images)
@@ -307,36 +311,29 @@ def test_cuda_training_runs_in_bf16_channels_last_with_fused_sgd(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in train) and 0.0 <= result.last_map <= 1.0
 
 
-def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, caplog):
-    """Iteration 2's checkpoint is written before its evaluation: a run killed while evaluating resumes
-    with that evaluation, and its log, best model and last mAP are those of the uninterrupted run."""
-    caplog.set_level(logging.INFO, logger="odkd")
+def test_a_checkpoint_follows_its_evaluation_so_a_run_killed_while_evaluating_redoes_it(tmp_path):
+    """The checkpoint of an evaluation iteration is written after the evaluation: it holds that score as the
+    best so far, and a run killed during an evaluation (no checkpoint of that iteration yet) resumes from the
+    one before and evaluates again: its log, best model and scores are those of the uninterrupted run."""
     cfg = tiny_config(tmp_path, "train.eval_every=2")
     run = tmp_path / "run"
 
     def log_without_timing() -> list[dict]:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(run)]
 
-    straight = make_trainer(cfg)
-    straight.fit()
+    straight = make_trainer(cfg).fit()
     records = log_without_timing()
     assert [(r["iter"], "mAP" in r) for r in records][2:] == [(2, True), (3, False), (4, False), (4, True)]
-    # The killed run's folder: the records up to iteration 2 without its mAP, no best model yet.
-    (run / "metrics.jsonl").write_text(
-        "".join(line + "\n" for line in (run / "metrics.jsonl").read_text().splitlines()[:2])
-    )
-    (run / "best.pt").unlink()
-    resumed = make_trainer(cfg)
-    resumed.fit(resume=run / "checkpoint_0000002.pt")
-    assert "iteration 2 was not evaluated before the run stopped: evaluating it now" in caplog.text
+    at_2 = torch.load(run / "checkpoint_0000002.pt", weights_only=True)
+    assert at_2["best_map"] == next(r["mAP"] for r in records if r["iter"] == 2 and "mAP" in r)
+    # Killed while evaluating iteration 4: its checkpoint and final model not written, nor its records.
+    (run / "checkpoint_0000004.pt").unlink()
+    (run / "model_final.pt").unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["iter"] <= 3))
+    resumed = make_trainer(cfg).fit(resume=latest_checkpoint(run))
     assert log_without_timing() == records
-    assert resumed.best_map == straight.best_map and resumed.last_map == straight.last_map
-    assert (run / "best.pt").is_file()
-    # A run stopped after its evaluation resumes without evaluating again.
-    caplog.clear()
-    make_trainer(cfg).fit(resume=run / "checkpoint_0000002.pt")
-    assert "evaluating it now" not in caplog.text
+    assert (resumed.best_map, resumed.last_map) == (straight.best_map, straight.last_map)
+    assert (run / "model_final.pt").is_file() and (run / "best.pt").is_file()
     # Resumed at the end, nothing is left to run: the result still carries the run's last mAP.
     assert make_trainer(cfg).fit(resume=run / "checkpoint_0000004.pt").last_map == straight.last_map
     assert log_without_timing() == records
@@ -367,13 +364,22 @@ class NaNOnCalls(DetectionTask):
 
 
 def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
-    cfg = tiny_config(tmp_path, "optim.max_iters=3", "train.checkpoint_every=1", "train.eval_every=100",
-                      "train.ema_decay=0.9", "optim.grad_clip=1.0")  # fmt: skip
+    """Also a trainer built from parts: a task of its own, and only the hooks the test needs."""
+    cfg = tiny_config(tmp_path, "optim.max_iters=3", "optim.grad_clip=1.0")
     info = setup_distributed("cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_detector(cfg)
     train_set, _ = build_datasets(cfg, model, info)
-    trainer = Trainer(cfg, NaNOnCalls(model, {2}), train_set, None, info, progress=False)
+    task = NaNOnCalls(model, {2})
+    optimizer = build_optimizer(list(task.parameters()), cfg.optim, cfg.optim.lr)
+    run = tmp_path / "run"
+    run.mkdir()
+    hooks = [EMAHook(model, 0.9), MetricsHook(run, 1), CheckpointHook(run, 1, 5, cfg, lambda: model)]
+
+    def batches(start):
+        return build_loader(train_set, 2, train=True, num_workers=0, max_iters=3, start_iter=start)
+
+    trainer = Trainer(task, optimizer, build_scheduler(optimizer, cfg.optim), batches, info, 3, hooks, grad_clip=1.0)
     trainer.fit()
     assert "iteration 1: loss is nan, step skipped (1 in a row)" in caplog.text
     before, skipped, after = (torch.load(tmp_path / "run" / f"checkpoint_000000{i}.pt") for i in (1, 2, 3))

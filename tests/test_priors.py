@@ -1,4 +1,4 @@
-"""Prior boxes: counts per layout and single priors worked out by hand from DESIGN.md §2."""
+"""Prior boxes: counts per layout and single priors worked out by hand from docs/DESIGN.md §2."""
 
 import dataclasses
 import math

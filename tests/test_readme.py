@@ -42,4 +42,4 @@ def test_models_benchmark_runs(run_script):
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("mobilenetv2_ssdlite300"))
     assert "3,388,228" in row
-    assert float(row.split()[2]) == pytest.approx(0.66, abs=0.01)  # DESIGN.md §3: ~0.66 GMACs
+    assert float(row.split()[2]) == pytest.approx(0.66, abs=0.01)  # docs/DESIGN.md §3: ~0.66 GMACs

@@ -95,7 +95,7 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[tuple[
     return ET.tostring(root)
 
 
-def _make_image(rng: np.random.Generator, min_size: int, max_size: int):
+def _make_image(rng: np.random.Generator, min_size: int, max_size: int, object_scale: float = 1.0):
     width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     image = _background(rng, height, width)
     masks, placed = [], []
@@ -103,6 +103,7 @@ def _make_image(rng: np.random.Generator, min_size: int, max_size: int):
         name = SYNTHETIC_CLASSES[rng.integers(len(SYNTHETIC_CLASSES))]
         colour, (lo, hi) = _STYLE[name]
         side = min(width, height)
+        lo, hi = lo * object_scale, min(hi * object_scale, 0.75)  # with the jitter below, never past the image
         w = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
         h = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
         x1, y1 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
@@ -131,15 +132,19 @@ def _draw_area(name: str, box: tuple[int, int, int, int]) -> int:
     return int(mask.sum())
 
 
-def check_synthetic_settings(splits: dict[str, int], min_size: int, max_size: int, year: str = "SYN") -> None:
+def check_synthetic_settings(
+    splits: dict[str, int], min_size: int, max_size: int, year: str = "SYN", object_scale: float = 1.0
+) -> None:
     """ValueError naming the setting if these cannot make a dataset: every split needs at least one image,
-    image sides are ``min_size <= max_size``, at least an object's (6 pixels), and the year names a
-    VOC<year> folder that image sets (``<year>_<set>``) can name."""
+    image sides are ``min_size <= max_size``, at least an object's (6 pixels), objects have a positive
+    scale, and the year names a VOC<year> folder that image sets (``<year>_<set>``) can name."""
     problems = [f"split {name!r} needs at least 1 image, got {count}" for name, count in splits.items() if count < 1]
     if not splits:
         problems.append("no split to write")
     if min_size < _MIN_OBJECT_SIZE:
         problems.append(f"min_size must be at least {_MIN_OBJECT_SIZE} pixels (an object's side), got {min_size}")
+    if not object_scale > 0:
+        problems.append(f"object_scale must be positive, got {object_scale}")
     if min_size > max_size:
         problems.append(f"min_size {min_size} is above max_size {max_size}")
     if not year or any(c in year for c in "_+/\\"):
@@ -148,7 +153,9 @@ def check_synthetic_settings(splits: dict[str, int], min_size: int, max_size: in
         raise ValueError("; ".join(problems))
 
 
-def _synthetic_images(splits: dict[str, int], seed: int, min_size: int, max_size: int) -> Iterator[tuple]:
+def _synthetic_images(
+    splits: dict[str, int], seed: int, min_size: int, max_size: int, object_scale: float = 1.0
+) -> Iterator[tuple]:
     """``(split, image id, image RGB, width, height, objects)`` for every image of every split, in order."""
     rng = np.random.default_rng(seed)
     counter = 0
@@ -156,7 +163,7 @@ def _synthetic_images(splits: dict[str, int], seed: int, min_size: int, max_size
         for _ in range(count):
             image_id = f"{counter:06d}"
             counter += 1
-            yield (split, image_id, *_make_image(rng, min_size, max_size))
+            yield (split, image_id, *_make_image(rng, min_size, max_size, object_scale))
 
 
 def _up_to_date(folder: Path, settings: dict) -> bool:
@@ -180,24 +187,29 @@ def make_synthetic_voc(
     seed: int = 0,
     min_size: int = 240,
     max_size: int = 360,
+    object_scale: float = 1.0,
 ) -> Path:
     """Write the dataset under ``root/VOC<year>/`` and return that folder.
 
-    ``splits`` maps image-set names to image counts (default trainval 400, test 100). If the folder
-    already holds a dataset made with the same arguments, nothing is written again. ValueError for settings
-    that make no dataset (:func:`check_synthetic_settings`).
+    ``splits`` maps image-set names to image counts (default trainval 400, test 100); ``object_scale``
+    multiplies every class's range of object sizes (the largest at most 3/4 of the image's shorter side).
+    If the folder already holds a dataset made with the same arguments, nothing is written again.
+    ValueError for settings that make no dataset (:func:`check_synthetic_settings`).
     """
     splits = dict(splits or {"trainval": 400, "test": 100})
-    check_synthetic_settings(splits, min_size, max_size, year)
+    check_synthetic_settings(splits, min_size, max_size, year, object_scale)
     folder = Path(root) / f"VOC{year}"
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
+    if object_scale != 1.0:  # datasets written before the setting existed stay valid
+        settings["object_scale"] = object_scale
     if _up_to_date(folder, settings):
         return folder
     _start_writing(folder, "ImageSets/Main/*.txt")
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     ids: dict[str, list[str]] = {split: [] for split in splits}
-    for split, image_id, image, width, height, objects in _synthetic_images(splits, seed, min_size, max_size):
+    images = _synthetic_images(splits, seed, min_size, max_size, object_scale)
+    for split, image_id, image, width, height, objects in images:
         cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         (folder / "Annotations" / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
         ids[split].append(image_id)
@@ -217,15 +229,18 @@ def make_synthetic_coco(
     seed: int = 0,
     min_size: int = 240,
     max_size: int = 360,
+    object_scale: float = 1.0,
 ) -> Path:
     """The same images as :func:`make_synthetic_voc` in COCO format: ``root/images/<id>.jpg`` and
     ``root/annotations/instances_<split>.json`` (image ids from 1, category ids :data:`COCO_CATEGORY_IDS`;
     VOC's difficult objects are ordinary objects here). Returns ``root``; nothing is written again if it
     already holds this dataset. ValueError as :func:`make_synthetic_voc`."""
     splits = dict(splits or {"trainval": 400, "test": 100})
-    check_synthetic_settings(splits, min_size, max_size)
+    check_synthetic_settings(splits, min_size, max_size, object_scale=object_scale)
     root = Path(root)
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
+    if object_scale != 1.0:
+        settings["object_scale"] = object_scale
     if _up_to_date(root, settings):
         return root
     _start_writing(root, "annotations/instances_*.json")
@@ -235,7 +250,9 @@ def make_synthetic_coco(
     categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in category_of.items()]
     files = {split: {"images": [], "annotations": [], "categories": categories} for split in splits}
     annotation_ids = itertools.count(1)
-    for split, image_id, image, width, height, objects in _synthetic_images(splits, seed, min_size, max_size):
+    for split, image_id, image, width, height, objects in _synthetic_images(
+        splits, seed, min_size, max_size, object_scale
+    ):
         cv2.imwrite(str(root / "images" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         coco_id = int(image_id) + 1
         files[split]["images"].append({"id": coco_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})

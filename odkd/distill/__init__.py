@@ -1,4 +1,6 @@
-"""Distillation methods behind one interface (:class:`Distiller`); any of them combine in one run.
+"""Distillation methods behind one interface (:class:`Distiller`); any of them combine in one run. Each is one
+module whose class registers itself (:func:`register_distiller`) and declares its settings as the keyword
+arguments of its ``__init__``; a method of your own is the same, in your own module, imported before the run.
 
 | name | method | reads |
 |---|---|---|
@@ -11,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,11 +21,15 @@ from odkd.distill.base import (
     BOX_DISTRIBUTIONS,
     BOXES,
     CONF_MAPS,
+    DISTILLERS,
     FEATURES,
     HEAD_INTERMEDIATES,
     LOGITS,
     DistillBatch,
     Distiller,
+    checked_settings,
+    register_distiller,
+    settings_of,
 )
 from odkd.distill.chen2017 import ObjectDistillationLoss
 from odkd.distill.crosskd import CrossKD
@@ -31,6 +37,9 @@ from odkd.distill.fgd import FGD
 from odkd.distill.hinton import HintonKD
 from odkd.distill.ld import LocalizationDistillation
 from odkd.models import SSD
+
+if TYPE_CHECKING:
+    from odkd.config import DistillConfig
 
 __all__ = [
     "BOXES",
@@ -48,24 +57,26 @@ __all__ = [
     "LocalizationDistillation",
     "ObjectDistillationLoss",
     "build_distillers",
+    "register_distiller",
+    "settings_of",
 ]
 
-DISTILLERS: dict[str, type[Distiller]] = {
-    "chen2017": ObjectDistillationLoss,
-    "hinton": HintonKD,
-    "ld": LocalizationDistillation,
-    "fgd": FGD,
-    "crosskd": CrossKD,
-}
 
+def build_distillers(cfg: DistillConfig, student: SSD, teacher: SSD) -> nn.ModuleDict:
+    """The methods of ``cfg.methods`` for this student and teacher, each with its section ``cfg.settings[name]``
+    checked against its class. Every section must name a registered method (a typo is an error, not a
+    silently ignored setting)."""
+    from odkd.config import ConfigError
 
-def build_distillers(methods: Mapping[str, Mapping], student: SSD, teacher: SSD) -> nn.ModuleDict:
-    """``{name: settings}`` (names of :data:`DISTILLERS`, settings their keyword arguments) -> the modules."""
-    unknown = sorted(set(methods) - set(DISTILLERS))
-    if unknown:
-        raise ValueError(f"unknown distillation method {unknown[0]!r}; known methods: {', '.join(DISTILLERS)}")
-    if not methods:
-        raise ValueError(f"no distillation method given; choose from {', '.join(DISTILLERS)}")
-    return nn.ModuleDict(
-        {name: DISTILLERS[name].from_models(student, teacher, **settings) for name, settings in methods.items()}
-    )
+    if stray := sorted(set(cfg.settings) - set(DISTILLERS)):
+        raise ConfigError(
+            f"distill.{stray[0]}: no distillation method of that name; known: {', '.join(sorted(DISTILLERS))}"
+        )
+    methods = {}
+    for name in cfg.methods:
+        settings = checked_settings(name, cfg.settings.get(name, {}))
+        try:
+            methods[name] = DISTILLERS[name].from_models(student, teacher, **settings)
+        except ValueError as err:  # settings that do not fit together, or do not fit these models
+            raise ConfigError(f"distill.{name}: {err}") from None
+    return nn.ModuleDict(methods)

@@ -10,9 +10,11 @@ teacher once, matches once, and hands the same batch to every configured distill
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ __all__ = [
     "BOXES",
     "BOX_DISTRIBUTIONS",
     "CONF_MAPS",
+    "DISTILLERS",
     "FEATURES",
     "HEAD_INTERMEDIATES",
     "LOGITS",
@@ -31,7 +34,9 @@ __all__ = [
     "Distiller",
     "adapter_1x1",
     "level_adapters",
+    "register_distiller",
     "resize_to",
+    "settings_of",
 ]
 
 # What a distiller may read (``Distiller.needs``). Every SSD gives all of them; the task checks which
@@ -74,11 +79,15 @@ class DistillBatch:
 
 
 class Distiller(nn.Module):
-    """Base class of the distillation methods (see the module docstring)."""
+    """Base class of the distillation methods (see the module docstring). A method's settings are the
+    keyword-only arguments of its ``__init__`` (their defaults are the method's defaults); the arguments
+    before them come from the two models (:meth:`from_models`)."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
     # term -> the setting that weighs it (``distill.<method>.<setting>``), named in the step-0 warnings
     weight_keys: ClassVar[dict[str, str]] = {}
+    # setting -> (test, what the value must be), checked with the config (``odkd.config.range_problems``)
+    ranges: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
     @classmethod
     def from_models(cls, student: SSD, teacher: SSD, **settings) -> Distiller:
@@ -93,6 +102,53 @@ class Distiller(nn.Module):
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+# name -> class of every registered method: what distill.methods names.
+DISTILLERS: dict[str, type[Distiller]] = {}
+D = TypeVar("D", bound=type[Distiller])
+
+
+def register_distiller(name: str) -> Callable[[D], D]:
+    """Class decorator: the method ``name`` of configs (``distill.methods: [name]``, settings in the section
+    ``distill.<name>``). A method defined outside odkd registers the same way, once its module is imported."""
+
+    def register(cls: D) -> D:
+        if DISTILLERS.get(name, cls) is not cls:
+            raise ValueError(f"a distiller named {name!r} is registered already ({DISTILLERS[name].__qualname__})")
+        DISTILLERS[name] = cls
+        return cls
+
+    return register
+
+
+def settings_of(cls: type[Distiller]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (type annotation, default)}``: the keyword-only arguments of ``cls.__init__``."""
+    hints = typing.get_type_hints(cls.__init__)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: (hints.get(p.name, Any), p.default) for p in parameters if p.kind is p.KEYWORD_ONLY}
+
+
+def checked_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` settings of method ``name`` checked against its class (unknown keys and wrong types are
+    :class:`odkd.config.ConfigError` naming ``distill.<name>.<setting>``); unset ones are left to its defaults."""
+    from odkd.config import ConfigError, check_value, range_problems
+
+    if name not in DISTILLERS:
+        raise ConfigError(f"distill.methods: unknown method {name!r}; known: {', '.join(sorted(DISTILLERS))}")
+    known = settings_of(DISTILLERS[name])
+    if unknown := sorted(set(given) - set(known)):
+        raise ConfigError(f"unknown setting distill.{name}.{unknown[0]}; {name}'s settings: {sorted(known)}")
+    checked = {key: check_value(value, known[key][0], f"distill.{name}.{key}") for key, value in given.items()}
+    limits = DISTILLERS[name].ranges
+    problems = [
+        problem
+        for key in limits.keys() & checked
+        for problem in range_problems(f"distill.{name}.{key}", checked[key], limits[key])
+    ]
+    if problems:
+        raise ConfigError("; ".join(sorted(problems)))
+    return checked
 
 
 def adapter_1x1(in_channels: int, out_channels: int) -> nn.Conv2d:

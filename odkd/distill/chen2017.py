@@ -1,4 +1,4 @@
-"""Chen et al. 2017 object distillation for SSD (DESIGN.md §4), as a :class:`Distiller`.
+"""Chen et al. 2017 object distillation for SSD (docs/DESIGN.md §4), as a :class:`Distiller`.
 
 ``L = mu * hard_cls + soft_cls + lam * loc + bound + hint`` with, N = positive priors in the batch:
 
@@ -26,13 +26,24 @@ from typing import ClassVar
 
 import torch
 
-from odkd.distill.base import BOXES, CONF_MAPS, LOGITS, DistillBatch, Distiller, level_adapters, resize_to
+from odkd.config import NOT_NEGATIVE, POSITIVE, PROBABILITY, Range
+from odkd.distill.base import (
+    BOXES,
+    CONF_MAPS,
+    LOGITS,
+    DistillBatch,
+    Distiller,
+    level_adapters,
+    register_distiller,
+    resize_to,
+)
 from odkd.losses.soft_targets import soft_cross_entropy
 from odkd.models import SSD
 
 __all__ = ["ObjectDistillationLoss"]
 
 
+@register_distiller("chen2017")
 class ObjectDistillationLoss(Distiller):
     """Returns ``soft_cls``, ``bound`` and ``hint``; scales the detection ``conf`` by mu and ``loc`` by lam.
 
@@ -49,11 +60,18 @@ class ObjectDistillationLoss(Distiller):
 
     needs = frozenset({LOGITS, BOXES, CONF_MAPS})
     weight_keys: ClassVar[dict[str, str]] = {"soft_cls": "mu", "bound": "nu", "hint": "gamma"}
+    ranges: ClassVar[dict[str, Range]] = {
+        "temperature": POSITIVE,
+        **dict.fromkeys(("w_background", "w_object", "nu", "margin", "lam", "gamma", "mu_ramp_iters"), NOT_NEGATIVE),
+        "mu": PROBABILITY,
+        "mu_end": PROBABILITY,
+    }
 
     def __init__(
         self,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
+        *,
         temperature: float = 1.0,
         w_background: float = 1.5,
         w_object: float = 1.0,

@@ -1,4 +1,4 @@
-"""CrossKD (Wang et al., 2023) for SSD: distil cross-head predictions (DESIGN.md §5).
+"""CrossKD (Wang et al., 2023) for SSD: distil cross-head predictions (docs/DESIGN.md §5).
 
 The student's head intermediates (:class:`odkd.models.PredictionHead`: the depthwise conv + BN of an SSDLite
 head, before its activation) go through the frozen teacher's activation and last head conv; those
@@ -40,13 +40,22 @@ student's maps and compared with the teacher's prior for prior.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from odkd.boxes import decode, paired_giou
-from odkd.distill.base import BOXES, HEAD_INTERMEDIATES, LOGITS, DistillBatch, Distiller, adapter_1x1
+from odkd.config import NOT_NEGATIVE, POSITIVE, Range
+from odkd.distill.base import (
+    BOXES,
+    HEAD_INTERMEDIATES,
+    LOGITS,
+    DistillBatch,
+    Distiller,
+    adapter_1x1,
+    register_distiller,
+)
 from odkd.losses.soft_targets import kl_divergence
 from odkd.models import SSD
 
@@ -67,6 +76,7 @@ def match_channel_statistics(x: torch.Tensor, reference: torch.Tensor, eps: floa
     return (x - mean) / (std + eps) * ref_std + ref_mean
 
 
+@register_distiller("crosskd")
 class CrossKD(Distiller):
     """Returns ``cls`` and ``reg``.
 
@@ -78,15 +88,21 @@ class CrossKD(Distiller):
 
     needs = frozenset({HEAD_INTERMEDIATES, LOGITS, BOXES})
     weight_keys: ClassVar[dict[str, str]] = {"cls": "cls_weight", "reg": "reg_weight"}
+    ranges: ClassVar[dict[str, Range]] = {
+        "temperature": POSITIVE,
+        "cls_weight": NOT_NEGATIVE,
+        "reg_weight": NOT_NEGATIVE,
+    }
 
     def __init__(
         self,
         conf_channels: Sequence[tuple[int, int]],
         loc_channels: Sequence[tuple[int, int]],
+        *,
         temperature: float = 1.0,
         cls_weight: float = 1.0,
         reg_weight: float = 1.0,
-        align: str = "standardize",
+        align: Literal["standardize", "adapter"] = "standardize",
     ) -> None:
         super().__init__()
         if align not in ALIGNMENTS:

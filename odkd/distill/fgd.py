@@ -1,4 +1,4 @@
-"""FGD, Focal and Global Distillation (Yang et al., CVPR 2022) on the source feature maps (DESIGN.md §5).
+"""FGD, Focal and Global Distillation (Yang et al., CVPR 2022) on the source feature maps (docs/DESIGN.md §5).
 
 Per distilled level, with the student map adapted to the teacher's channels (``f``, a 1x1 conv) and the
 teacher map resized to the student's size, F_t / F_s of shape (C, H, W) per image:
@@ -26,7 +26,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from odkd.distill.base import FEATURES, DistillBatch, Distiller, level_adapters, resize_to
+from odkd.config import NOT_NEGATIVE, POSITIVE, Range
+from odkd.distill.base import FEATURES, DistillBatch, Distiller, level_adapters, register_distiller, resize_to
 from odkd.models import SSD
 
 __all__ = ["FGD", "GlobalContext", "feature_attention", "focal_masks"]
@@ -91,6 +92,7 @@ class GlobalContext(nn.Module):
         return x + self.transform(context)
 
 
+@register_distiller("fgd")
 class FGD(Distiller):
     """Returns ``focal``, ``attention`` and ``global``.
 
@@ -101,17 +103,22 @@ class FGD(Distiller):
 
     needs = frozenset({FEATURES})
     weight_keys: ClassVar[dict[str, str]] = {"focal": "alpha", "attention": "gamma", "global": "lam"}
+    ranges: ClassVar[dict[str, Range]] = {
+        "temperature": POSITIVE,
+        **dict.fromkeys(("alpha", "beta", "gamma", "lam", "levels"), NOT_NEGATIVE),
+    }
 
     def __init__(
         self,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
+        *,
         temperature: float = 0.5,
         alpha: float = 1e-3,
         beta: float = 5e-4,
         gamma: float = 5e-4,
         lam: float = 5e-6,
-        levels: Sequence[int] | None = None,
+        levels: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.levels, self.adapters = level_adapters(student_channels, teacher_channels, "fgd", levels)

@@ -1,4 +1,4 @@
-"""Hinton et al.'s knowledge distillation on the class logits (DESIGN.md §5).
+"""Hinton et al.'s knowledge distillation on the class logits (docs/DESIGN.md §5).
 
 ``kd = alpha * T^2 * (1/N) * sum_p KL(P_t || P_s)``, ``P = softmax(logits / T)``, over the priors of the
 hard classification loss (positives + hard-mined negatives: SSD's answer to the background imbalance),
@@ -12,19 +12,22 @@ from typing import ClassVar
 
 import torch
 
-from odkd.distill.base import LOGITS, DistillBatch, Distiller
+from odkd.config import POSITIVE, PROBABILITY, Range
+from odkd.distill.base import LOGITS, DistillBatch, Distiller, register_distiller
 from odkd.losses.soft_targets import kl_divergence
 
 __all__ = ["HintonKD"]
 
 
+@register_distiller("hinton")
 class HintonKD(Distiller):
     """Returns ``kd``; scales the detection ``conf`` by ``1 - alpha``."""
 
     needs = frozenset({LOGITS})
     weight_keys: ClassVar[dict[str, str]] = {"kd": "alpha"}
+    ranges: ClassVar[dict[str, Range]] = {"temperature": POSITIVE, "alpha": PROBABILITY}
 
-    def __init__(self, temperature: float = 2.0, alpha: float = 0.5) -> None:
+    def __init__(self, *, temperature: float = 2.0, alpha: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or temperature <= 0:
             raise ValueError(f"hinton: alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")

@@ -48,7 +48,8 @@ from typing import ClassVar
 import torch
 
 from odkd.boxes import cxcywh_to_xyxy, decode, paired_iou
-from odkd.distill.base import BOX_DISTRIBUTIONS, LOGITS, DistillBatch, Distiller
+from odkd.config import FRACTION, NOT_NEGATIVE, POSITIVE, Range
+from odkd.distill.base import BOX_DISTRIBUTIONS, LOGITS, DistillBatch, Distiller, register_distiller
 from odkd.losses.soft_targets import kl_divergence
 from odkd.models import SSD
 
@@ -81,14 +82,22 @@ def valuable_region_iou(
     return iou.where(inside, 0.0).amax(dim=1)
 
 
+@register_distiller("ld")
 class LocalizationDistillation(Distiller):
     """Returns ``main``, ``vlr`` and ``kd`` (see the module docstring; defaults: the official settings)."""
 
     needs = frozenset({BOX_DISTRIBUTIONS, LOGITS})
     weight_keys: ClassVar[dict[str, str]] = {"main": "weight", "vlr": "vlr_weight", "kd": "kd_weight"}
+    ranges: ClassVar[dict[str, Range]] = {
+        "temperature": POSITIVE,
+        "kd_temperature": POSITIVE,
+        **dict.fromkeys(("weight", "vlr_weight", "kd_weight"), NOT_NEGATIVE),
+        "vlr_factor": FRACTION,
+    }
 
     def __init__(
         self,
+        *,
         temperature: float = 10.0,
         weight: float = 0.25,
         vlr_weight: float = 0.25,

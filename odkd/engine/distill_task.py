@@ -64,13 +64,14 @@ class DistillationTask(DetectionTask):
         student: SSD,
         teacher: SSD,
         distillers: Mapping[str, Distiller],
+        *,
         neg_pos_ratio: float = 3.0,
         iou_threshold: float = 0.5,
         prior_mapping: str = "none",
         dfl_weight: float = 0.25,
         balance_fraction: float | None = None,
     ) -> None:
-        super().__init__(student, neg_pos_ratio, iou_threshold, dfl_weight)
+        super().__init__(student, neg_pos_ratio=neg_pos_ratio, iou_threshold=iou_threshold, dfl_weight=dfl_weight)
         if student.num_classes != teacher.num_classes:
             raise ValueError(f"the teacher has {teacher.num_classes} classes, the student {student.num_classes}")
         if student.class_names and teacher.class_names and list(student.class_names) != list(teacher.class_names):
@@ -236,18 +237,19 @@ class DistillationTask(DetectionTask):
 def build_distillation_task(cfg: Config, student: SSD, teacher: SSD | None = None) -> DistillationTask:
     """The task of ``cfg.distill`` for ``student``; the teacher is loaded from ``cfg.distill.teacher``."""
     d = cfg.distill
+    if d is None:
+        raise ValueError("the config has no distill section (distill.methods, distill.teacher): nothing to distil")
     if teacher is None:
         if not d.teacher:
             raise ValueError("no teacher: pass --teacher CKPT or set distill.teacher")
         teacher = load_teacher(d.teacher, d.teacher_source)
-    distillers = build_distillers(d.method_settings(), student, teacher)
     return DistillationTask(
         student,
         teacher,
-        distillers,
-        cfg.loss.neg_pos_ratio,
-        cfg.loss.iou_threshold,
-        d.prior_mapping,
-        cfg.loss.dfl_weight,
-        d.balance_fraction if d.auto_balance else None,
+        build_distillers(d, student, teacher),
+        neg_pos_ratio=cfg.loss.neg_pos_ratio,
+        iou_threshold=cfg.loss.iou_threshold,
+        prior_mapping=d.prior_mapping,
+        dfl_weight=cfg.loss.dfl_weight,
+        balance_fraction=d.balance_fraction if d.auto_balance else None,
     )

@@ -33,7 +33,7 @@ class DetectionTask(nn.Module):
     distribution focal loss (``dfl``, on the positives' edges, / N) for a distribution box head."""
 
     def __init__(
-        self, model: SSD, neg_pos_ratio: float = 3.0, iou_threshold: float = 0.5, dfl_weight: float = 0.25
+        self, model: SSD, *, neg_pos_ratio: float = 3.0, iou_threshold: float = 0.5, dfl_weight: float = 0.25
     ) -> None:
         super().__init__()
         self.model = model
