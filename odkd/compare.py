@@ -193,7 +193,7 @@ def _train(cfg: Config, device: str | None, progress: bool, fresh: bool) -> str:
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(_teacher_file(cfg))}))
-    run_training(cfg, "auto" if resume else None, device, progress)
+    run_training(cfg, "auto" if resume else None, device, progress, overwrite=True)  # a changed arm retrains
     return "resumed" if resume else "trained"
 
 

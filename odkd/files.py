@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "check_output_path", "json_line", "shared_file_mode", "umask"]
+__all__ = ["FileWriteError", "atomic_write", "check_output_path", "json_line", "shared_file_mode", "umask"]
 
 
 def umask() -> int:
@@ -65,6 +66,10 @@ def check_output_path(path: str | os.PathLike, what: str, folder: bool = False) 
             raise ValueError(f"{what} {path}: {place} is a file, not a folder")
 
 
+class FileWriteError(OSError):
+    """A file could not be written (disk full, quota, permissions); names the file and why."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """``write(f)`` into a temporary file of its own in ``path``'s folder, flushed to disk, then renamed
     to ``path``: readers see the old file or the complete new one, and runs writing the same file at
@@ -79,6 +84,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save says only "unexpected pos" on a full disk
+            free = shutil.disk_usage(path.parent).free
+            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err).partition("\n")[0][:200]
+            raise FileWriteError(
+                f"could not write {path}: {reason} ({free / 2**20:.0f} MiB free on its disk); "
+                f"{'the previous file is kept' if path.exists() else 'nothing was written'}"
+            ) from err
         raise

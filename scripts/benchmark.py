@@ -527,7 +527,7 @@ def bench_demo(args: argparse.Namespace) -> None:
     ]
     cfg = load_config(config, overrides)
     start = time.perf_counter()
-    result, _ = run_training(cfg, device="cpu" if args.cpu else None, progress=False)
+    result, _ = run_training(cfg, device="cpu" if args.cpu else None, progress=False, overwrite=True)
     minutes = (time.perf_counter() - start) / 60
     maps = read_metrics(args.output_dir)
     curve = ", ".join(f"{r['iter']}: {100 * r['mAP']:.1f}" for r in maps if "mAP" in r)
@@ -703,7 +703,12 @@ def main() -> None:
     args = build_parser().parse_args()
     try:
         args.run(args)
-    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+    except (
+        DatasetError,
+        TrainingError,
+        OSError,
+        ValueError,
+    ) as err:  # ConfigError, FileWriteError among them
         sys.exit(f"error: {err}")
 
 

@@ -67,7 +67,12 @@ def main() -> None:
         info = setup_distributed(args.device)
         setup_logging(info)
         result = run_experiment(experiment, args.device, progress=True, fresh=args.fresh, arms=args.only)
-    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+    except (
+        DatasetError,
+        TrainingError,
+        OSError,
+        ValueError,
+    ) as err:  # ConfigError, FileWriteError among them
         sys.exit(f"error: {err}")
     if info.is_main:
         paths = write_report(result, picture=not args.no_picture)

@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the CPU demo)")
     parser.add_argument("--teacher", help="teacher weights (overrides distill.teacher)")
     parser.add_argument("--resume", help="a training checkpoint, or 'auto' for the latest in train.output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="a fresh run in a train.output_dir holding another run's files"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
@@ -46,8 +49,13 @@ def main() -> None:
         if cfg.distill.teacher and not Path(cfg.distill.teacher).is_file():
             hint = " (train it first: python scripts/train_teacher.py)" if args.config == DEFAULT_CONFIG else ""
             raise FileNotFoundError(f"teacher {cfg.distill.teacher} does not exist{hint}")
-        result, info = run_training(cfg, args.resume, args.device)
-    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        result, info = run_training(cfg, args.resume, args.device, overwrite=args.overwrite)
+    except (
+        DatasetError,
+        TrainingError,
+        OSError,
+        ValueError,
+    ) as err:  # ConfigError, FileWriteError among them
         sys.exit(f"error: {err}")
     if info.is_main:
         headline = (

@@ -23,6 +23,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the CPU demo)")
     parser.add_argument("--resume", help="a training checkpoint, or 'auto' for the latest in train.output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="a fresh run in a train.output_dir holding another run's files"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
@@ -39,8 +42,13 @@ def main() -> None:
                 f"{args.config} distils a student from a teacher (it has a distill section): run "
                 f"python scripts/distill.py --config {args.config}"
             )
-        result, info = run_training(cfg, args.resume, args.device)
-    except (DatasetError, TrainingError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        result, info = run_training(cfg, args.resume, args.device, overwrite=args.overwrite)
+    except (
+        DatasetError,
+        TrainingError,
+        OSError,
+        ValueError,
+    ) as err:  # ConfigError, FileWriteError among them
         sys.exit(f"error: {err}")
     if info.is_main:
         print(summary(cfg, result, cfg.model.name))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import pytest
@@ -349,45 +350,62 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path):
 
 
 class NaNOnCalls(DetectionTask):
-    """The real detection task, with a NaN loss on the given (1-based) calls."""
+    """The real detection task, with NaN on the given (1-based) calls: in the loss (``where="loss"``) or in
+    the input images, so that the forward pass itself (BatchNorm's running statistics) meets it."""
 
-    def __init__(self, model, bad_calls):
+    def __init__(self, model, bad_calls, where="loss"):
         super().__init__(model)
-        self.calls, self.bad_calls = 0, bad_calls
+        self.calls, self.bad_calls, self.where = 0, bad_calls, where
 
     def forward(self, images, boxes, labels):
-        losses = super().forward(images, boxes, labels)
         self.calls += 1
-        if self.calls in self.bad_calls:
+        bad = self.calls in self.bad_calls
+        if bad and self.where == "images":
+            images = torch.full(images.shape, float("nan"))
+        losses = super().forward(images, boxes, labels)
+        if bad and self.where == "loss":
             losses["loc"] = losses["loc"] * float("nan")  # NaN gradients for every weight behind loc
         return losses
 
 
-def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
-    """Also a trainer built from parts: a task of its own, and only the hooks the test needs."""
-    cfg = tiny_config(tmp_path, "optim.max_iters=3", "optim.grad_clip=1.0")
+def trainer_from_parts(cfg, make_task, hooks, max_iters=3):
+    """A trainer built from parts: a task of the test's own, and only the hooks the test needs."""
     info = setup_distributed("cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_detector(cfg)
     train_set, _ = build_datasets(cfg, model, info)
-    task = NaNOnCalls(model, {2})
+    task = make_task(model)
     optimizer = build_optimizer(list(task.parameters()), cfg.optim, cfg.optim.lr)
-    run = tmp_path / "run"
-    run.mkdir()
-    hooks = [EMAHook(model, 0.9), MetricsHook(run, 1), CheckpointHook(run, 1, 5, cfg, lambda: model)]
 
     def batches(start):
-        return build_loader(train_set, 2, train=True, num_workers=0, max_iters=3, start_iter=start)
+        return build_loader(train_set, 2, train=True, num_workers=0, max_iters=max_iters, start_iter=start)
 
-    trainer = Trainer(task, optimizer, build_scheduler(optimizer, cfg.optim), batches, info, 3, hooks, grad_clip=1.0)
+    run = Path(cfg.train.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    return Trainer(
+        task, optimizer, build_scheduler(optimizer, cfg.optim), batches, info, max_iters,
+        hooks(model, run), grad_clip=cfg.optim.grad_clip, max_bad_steps=cfg.train.max_bad_steps,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["loss", "images"])
+def test_a_skipped_step_changes_no_weight_statistic_momentum_or_ema(tmp_path, caplog, where):
+    """NaN in the loss, or already in the forward pass (which moves BatchNorm's running statistics before
+    the loss is known): the skipped step leaves the model, the optimizer and the EMA as they were."""
+    cfg = tiny_config(tmp_path, "optim.max_iters=3", "optim.grad_clip=1.0")
+    trainer = trainer_from_parts(
+        cfg,
+        lambda model: NaNOnCalls(model, {2}, where),
+        lambda model, run: [EMAHook(model, 0.9), MetricsHook(run, 1), CheckpointHook(run, 1, 5, cfg, lambda: model)],
+    )
     trainer.fit()
     assert "iteration 1: loss is nan, step skipped (1 in a row)" in caplog.text
     before, skipped, after = (torch.load(tmp_path / "run" / f"checkpoint_000000{i}.pt") for i in (1, 2, 3))
+    for name, value in before["task"].items():  # weights and BatchNorm statistics (its step count moves on)
+        assert name.endswith("num_batches_tracked") or torch.equal(value, skipped["task"][name]), name
     trainable = [name for name, p in trainer.task.named_parameters() if p.requires_grad]
-    for name in trainable:
-        assert torch.equal(before["task"][name], skipped["task"][name]), name
     assert not all(torch.equal(skipped["task"][k], after["task"][k]) for k in trainable)  # the next step trains
-    assert all(torch.isfinite(after["task"][k]).all() for k in trainable)
+    assert all(torch.isfinite(v).all() for v in after["task"].values())
     momentum = [
         (s["momentum_buffer"], t["momentum_buffer"])
         for s, t in zip(before["optimizer"]["state"].values(), skipped["optimizer"]["state"].values(), strict=True)
@@ -398,14 +416,23 @@ def test_a_skipped_step_changes_no_weight_momentum_or_ema(tmp_path, caplog):
     assert before["ema"]["updates"] == skipped["ema"]["updates"] == 1
 
 
+def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path):
+    """A checkpoint is what a run resumes from: one holding NaN weights would only fail again."""
+    cfg = tiny_config(tmp_path, "optim.max_iters=3", "train.max_bad_steps=10")
+    trainer = trainer_from_parts(
+        cfg, lambda model: DetectionTask(model), lambda model, run: [CheckpointHook(run, 1, 5, cfg, lambda: model)]
+    )
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))  # as an overflowing update would leave it
+    with pytest.raises(TrainingError, match="the weights hold NaN/inf at iteration 1, so no checkpoint is written"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
 def test_metrics_log_is_strict_json_with_null_for_nan(tmp_path):
     """A NaN loss was written as the bare token NaN, which strict JSON readers (jq, JavaScript) reject."""
-    cfg = tiny_config(tmp_path, "optim.max_iters=3", "train.log_every=1", "train.eval_every=100")
-    info = setup_distributed("cpu")
-    torch.manual_seed(cfg.train.seed)
-    model = build_detector(cfg)
-    train_set, _ = build_datasets(cfg, model, info)
-    Trainer(cfg, NaNOnCalls(model, {2}), train_set, None, info, progress=False).fit()
+    cfg = tiny_config(tmp_path, "optim.max_iters=3")
+    trainer_from_parts(cfg, lambda model: NaNOnCalls(model, {2}), lambda model, run: [MetricsHook(run, 1)]).fit()
 
     def refuse(token: str) -> None:
         raise ValueError(f"{token} is not strict JSON")
@@ -427,22 +454,26 @@ def test_resume_refuses_another_model(tmp_path):
         other.fit(resume=tmp_path / "run" / "best.pt")
 
 
-def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_resume_finishes(tmp_path):
+    """Schedulers (Slurm, Kubernetes) signal the whole process group, loader workers included: a worker
+    that died of it made the run fail with no checkpoint."""
     cfg_path = tmp_path / "cfg.yaml"
     make_synthetic_voc(tmp_path / "voc", {"trainval": 8, "test": 3}, seed=1, min_size=100, max_size=160)
     cfg_path.write_text(
-        f"model: {{width_mult: 0.5}}\ndata: {{voc_root: {tmp_path / 'voc'}, batch_size: 2, num_workers: 0}}\n"
+        f"model: {{width_mult: 0.5}}\ndata: {{voc_root: {tmp_path / 'voc'}, batch_size: 2, num_workers: 2}}\n"
         f"optim: {{max_iters: 400, warmup_iters: 0, milestones: [300]}}\n"
         f"train: {{output_dir: {tmp_path / 'run'}, log_every: 1, eval_every: 1000, checkpoint_every: 1000}}\n"
     )
     command = [sys.executable, "scripts/train_teacher.py", "--config", str(cfg_path), "--device", "cpu"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # the script, its loader workers and any other child
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 0, output
     assert "stopped by signal" in output

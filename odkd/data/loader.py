@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Iterator
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["IterationSampler", "build_loader", "collate", "prefetch_to_device"]
+__all__ = ["IterationSampler", "build_loader", "collate", "ignore_stop_signals", "prefetch_to_device"]
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's start: SIGINT and SIGTERM go to the whole process group (Ctrl-C, Slurm, most
+    schedulers), and the main process answers them by checkpointing and ending the run, which stops its
+    workers. A worker that died of the signal first would make the loader fail the run instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -99,7 +109,8 @@ def build_loader(
     or evaluation (in order; under DDP each process takes every world_size-th image, none twice).
     ``gt_slots``: pad the targets to at least this many objects per image (:func:`collate`).
 
-    Workers are persistent and memory is pinned when CUDA is present.
+    Workers are persistent, leave SIGINT/SIGTERM to the main process (:func:`ignore_stop_signals`), and
+    memory is pinned when CUDA is present.
     """
     if train:
         if max_iters < 1:
@@ -117,6 +128,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=train,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
 

@@ -3,8 +3,10 @@ its hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from odkd.checkpoint import init_from_checkpoint
+from odkd.checkpoint import ModelFileError, init_from_checkpoint
 from odkd.config import Config, scaled_lr
 from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transform
 from odkd.data.coco import COCODataset
@@ -29,9 +31,10 @@ from odkd.engine.hooks import (
     RunFolderHook,
     SignalHook,
 )
+from odkd.engine.run_folder import claim_run_folder
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.engine.task import DetectionTask
-from odkd.engine.trainer import CUDA_GRAPH_MODES, Trainer, TrainResult, latest_checkpoint
+from odkd.engine.trainer import CUDA_GRAPH_MODES, Trainer, TrainingError, TrainResult
 from odkd.files import check_output_path
 from odkd.inference import autocast_dtype
 from odkd.models import SSD, build_model
@@ -146,7 +149,6 @@ def build_trainer(cfg: Config, device: str | None = None, progress: bool = True,
     """Processes, logging, model, data, the task (:func:`build_task`), optimizer, schedule and the run's
     hooks for ``cfg``: a :class:`Trainer` ready to ``fit``. ``teacher``: a distillation task's teacher
     (default: loaded from ``distill.teacher``)."""
-    check_output_path(cfg.train.output_dir, "train.output_dir", folder=True)  # before minutes of set-up
     info = setup_distributed(device)
     setup_logging(info)
     torch.manual_seed(cfg.train.seed)  # identical initial weights in every process
@@ -214,15 +216,45 @@ def train_gt_slots(cfg: Config, train_set: DetectionDataset, device: torch.devic
 
 
 def run_training(
-    cfg: Config, resume: str | None = None, device: str | None = None, progress: bool = True
+    cfg: Config,
+    resume: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[TrainResult, DistInfo]:
-    """Everything a training script does: :func:`build_trainer`, then the run.
+    """Everything a training script does: claim ``train.output_dir`` (:func:`claim_run_folder`; the main
+    process), :func:`build_trainer`, then the run.
 
-    ``resume``: a checkpoint path, ``"auto"`` (the latest in ``train.output_dir``) or None.
+    ``resume``: a checkpoint path, ``"auto"`` (the latest in ``train.output_dir`` that loads, else a fresh
+    run, each said in the log) or None (a fresh run: the folder must not hold another run's files unless
+    ``overwrite``).
     """
-    trainer = build_trainer(cfg, device, progress)
-    checkpoint = latest_checkpoint(cfg.train.output_dir) if resume == "auto" else resume
-    return trainer.fit(checkpoint), trainer.info
+    out = Path(cfg.train.output_dir)
+    check_output_path(out, "train.output_dir", folder=True)  # before minutes of set-up
+    is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
+    with claim_run_folder(out, fresh=resume is None, overwrite=overwrite) if is_main else contextlib.nullcontext():
+        trainer = build_trainer(cfg, device, progress)
+        if resume == "auto":
+            resume_latest(trainer, out)
+        elif resume is not None:
+            trainer.resume(resume)
+        return trainer.fit(), trainer.info
+
+
+def resume_latest(trainer: Trainer, folder: Path) -> None:
+    """Resume ``trainer`` from the latest checkpoint in ``folder`` that loads, falling back past ones that do
+    not (cut short by a full disk or a copy); with none, the run starts afresh. Each case is logged."""
+    checkpoints = sorted(folder.glob("checkpoint_*.pt"), reverse=True)
+    if not checkpoints:
+        log.warning("--resume auto: %s holds no checkpoint yet, so the run starts from iteration 0", folder)
+        return
+    for path in checkpoints:
+        try:
+            trainer.resume(path)
+            return
+        except ModelFileError as err:
+            log.warning("--resume auto: %s; trying the checkpoint before it", err)
+    raise TrainingError(f"--resume auto: none of the {len(checkpoints)} checkpoints in {folder} loads (see above)")
 
 
 def summary(cfg: Config, result: TrainResult, headline: str) -> str:
@@ -234,8 +266,9 @@ def summary(cfg: Config, result: TrainResult, headline: str) -> str:
         else (f"{data.voc_root} {data.train_sets}", data.test_sets)
     )
     lines = [f"\n{headline}: {result.iteration} iterations on {train}"]
-    if result.last_map is not None:
-        lines.append(f"{cfg.eval.metric} mAP on {test}: last {result.last_map:.4f}, best {result.best_map:.4f}")
+    if result.last_map is not None or result.best_map is not None:
+        last, best = ("n/a" if v is None else f"{v:.4f}" for v in (result.last_map, result.best_map))
+        lines.append(f"{cfg.eval.metric} mAP on {test}: last {last}, best {best}")
     for label, path in (
         ("best model", result.best_model),
         ("final model", result.final_model),

@@ -33,7 +33,7 @@ from odkd.config import Config, EvalConfig, config_to_dict, save_config
 from odkd.data import DetectionDataset
 from odkd.engine.distributed import all_reduce_sum, barrier
 from odkd.engine.ema import ModelEMA
-from odkd.engine.trainer import HookBase, read_metrics
+from odkd.engine.trainer import HookBase, TrainingError, read_metrics
 from odkd.files import json_line
 from odkd.visualize import write_image
 
@@ -262,8 +262,16 @@ class CheckpointHook(HookBase):
         trainer = self.trainer
         done = trainer.iteration == trainer.max_iters
         if trainer.info.is_main and (trainer.stopped or done or trainer.iteration % self.every == 0):
+            state = trainer.state_dict()
+            if not all(t.isfinite().all() for t in state["task"].values() if t.is_floating_point()):
+                # a checkpoint to resume from must be one that can train on
+                raise TrainingError(
+                    f"the weights hold NaN/inf at iteration {trainer.iteration}, so no checkpoint is written; "
+                    f"resume from the last good one ({self.last or 'none yet'}) with a lower optim.lr or with "
+                    "optim.grad_clip"
+                )
             self.last = self.out / f"checkpoint_{trainer.iteration:07d}.pt"
-            atomic_save(trainer.state_dict(), self.last)
+            atomic_save(state, self.last)
             for old in sorted(self.out.glob("checkpoint_*.pt"))[: -self.keep_last]:
                 old.unlink()
         if trainer.stopped:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from odkd.checkpoint import read_torch_file
 from odkd.data import prefetch_to_device
 from odkd.engine.distributed import DistInfo, all_reduce_sum
 
@@ -160,6 +161,10 @@ class Trainer:
         self.amp_dtype, self.grad_clip, self.max_bad_steps = amp_dtype, grad_clip, max_bad_steps
         self.compile, self.fixed_gt_slots = compile, fixed_gt_slots
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # BatchNorm statistics change in the forward pass, before the loss says whether the step is kept: a
+        # copy from before it restores them when a NaN/inf step is skipped (a few thousand numbers).
+        self.statistics = [b for b in task.buffers() if b.is_floating_point()]
+        self.statistics_before = [b.clone() for b in self.statistics]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         step_module: nn.Module = task
         if info.distributed:
@@ -219,6 +224,7 @@ class Trainer:
     def run_step(self) -> StepOutput:
         """One iteration on :attr:`batch`; the step counter, the schedule and the stop state advance."""
         images, boxes, labels = self.batch
+        torch._foreach_copy_(self.statistics_before, self.statistics)
         if self.compile:
             begin_compiled_step(boxes, labels, fixed_gt_slots=self.fixed_gt_slots)
         with self.autocast():
@@ -254,6 +260,9 @@ class Trainer:
         return StepOutput(losses, loss, images.shape[0] * self.info.world_size, bool(bad))
 
     def _skip_step(self, loss: torch.Tensor) -> None:
+        """Leave no trace of the step in the model (its weights were not updated; its statistics are put
+        back) and stop the run after ``max_bad_steps`` in a row."""
+        torch._foreach_copy_(self.statistics, self.statistics_before)
         self.bad_in_a_row += 1
         log.warning(
             "iteration %d: loss is %s, step skipped (%d in a row)", self.iteration, loss.item(), self.bad_in_a_row
@@ -331,7 +340,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # this machine's kernels, not those of the one that saved
             group.update(fused=self.optimizer.defaults["fused"], foreach=self.optimizer.defaults["foreach"])
         match_state_layout(self.optimizer)
+        configured = list(self.scheduler.base_lrs)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._follow_configured_lr(configured)
         if state["scaler"]:  # empty when saved without fp16 (bf16, CPU); a fresh scale then
             self.scaler.load_state_dict(state["scaler"])
         random.setstate(state["rng"]["python"])
@@ -345,12 +356,27 @@ class Trainer:
         for hook in self.hooks:
             hook.load_state_dict(state)
 
+    def _follow_configured_lr(self, configured: list[float]) -> None:
+        """After loading a schedule saved with other base learning rates (``optim.lr`` changed before the
+        resume): the configured ones win, the schedule's factor at this iteration kept, and the log says so."""
+        saved = list(self.scheduler.base_lrs)
+        if saved == configured:
+            return
+        log.warning(
+            "optim.lr differs from the checkpoint's (base lr %s -> %s): the schedule goes on with the configured lr",
+            ", ".join(f"{lr:g}" for lr in saved),
+            ", ".join(f"{lr:g}" for lr in configured),
+        )
+        for group, old, new in zip(self.optimizer.param_groups, saved, configured, strict=True):
+            group["lr"] *= new / old  # every schedule here is a factor of the base lr
+            group["initial_lr"] = new
+        self.scheduler.base_lrs = configured
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def resume(self, path: str | Path) -> None:
         """Continue the run saved in the training checkpoint at ``path``."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        state = read_torch_file(path)  # on the CPU: RNG states must stay there
         if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
             raise ValueError(f"{path} is not an odkd training checkpoint (use model.init_checkpoint for weights)")
         if state["spec"] != self.model.spec:
