@@ -125,7 +125,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler (CUDA only)
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory format: cuDNN kernels on CUDA, oneDNN on the CPU
     compile: bool = False  # torch.compile the training step
     # torch.compile's mode; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
