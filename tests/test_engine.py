@@ -143,7 +143,7 @@ def test_skip_invalid_leaves_out_unreadable_images(tmp_path):
     with pytest.warns(UserWarning) as warned:
         train_set, test_set = build_datasets(cfg, build_detector(cfg), setup_distributed("cpu"))
     messages = [str(w.message) for w in warned]  # the file and its problem, then the count
-    assert len(messages) == 2 and re.search(rf"skipping {broken.stem}: .*not a readable image", messages[0])
+    assert len(messages) == 2 and re.search(rf"skipping {broken.stem}: .*truncated JPEG", messages[0])
     assert "skipped 1 of 8 images with bad data" in messages[1]
     assert len(train_set) + len(test_set) == 8 + 3 - 1 and broken not in train_set.image_paths
     train_set[0]  # the decoded-image cache holds the readable ones

@@ -1,5 +1,6 @@
 """Architectures: sizes, output structure, prior order, preprocessing, ImageNet initialisation, model files."""
 
+import re
 import urllib.error
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torchvision
 
 from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
+from odkd.files import FileWriteError
 from odkd.models import IMAGENET, Preprocessing, build_model
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
@@ -209,7 +211,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    expected = rf"could not write {re.escape(str(path))}: boom .*the previous file is kept"
+    with pytest.raises(FileWriteError, match=expected):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -20,6 +20,7 @@ from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transfor
 from odkd.data.coco import COCODataset
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
+from odkd.device import select_device
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.hooks import (
     CalibrationHook,
@@ -229,6 +230,11 @@ def run_training(
     run, each said in the log) or None (a fresh run: the folder must not hold another run's files unless
     ``overwrite``).
     """
+    select_device(device)  # "cuda" without a CUDA device: refused before anything is written
+    if cfg.distill is not None:  # so are settings a distiller does not take
+        from odkd.distill import check_distill_settings
+
+        check_distill_settings(cfg.distill)
     out = Path(cfg.train.output_dir)
     check_output_path(out, "train.output_dir", folder=True)  # before minutes of set-up
     is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -263,7 +264,8 @@ class CheckpointHook(HookBase):
         done = trainer.iteration == trainer.max_iters
         if trainer.info.is_main and (trainer.stopped or done or trainer.iteration % self.every == 0):
             state = trainer.state_dict()
-            if not all(t.isfinite().all() for t in state["task"].values() if t.is_floating_point()):
+            weights = [t for t in state["task"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if not all(t.isfinite().all() for t in weights):
                 # a checkpoint to resume from must be one that can train on
                 raise TrainingError(
                     f"the weights hold NaN/inf at iteration {trainer.iteration}, so no checkpoint is written; "
