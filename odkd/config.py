@@ -32,6 +32,7 @@ from odkd.data.dataset import class_name_problems
 from odkd.data.synthetic import SYNTHETIC_CLASSES
 from odkd.data.transforms import Augmentation
 from odkd.data.voc import VOC_CLASSES
+from odkd.postprocess import PostprocessSettings
 
 __all__ = [
     "Config",
@@ -139,12 +140,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """How a test set is evaluated; the post-processing settings and their defaults are
+    :class:`~odkd.postprocess.PostprocessSettings`' (the box coding is the model's, not a setting here)."""
+
     metric: Literal["voc07", "area", "coco"] = "voc07"  # coco: pycocotools AP@[.5:.95] (COCO-format data)
     batch_size: int = 32
-    score_threshold: float = 0.01
-    nms_threshold: float = 0.45
-    top_k: int = 200
-    max_detections: int = 200
+    score_threshold: float = PostprocessSettings.score_threshold
+    nms_threshold: float = PostprocessSettings.nms_threshold
+    top_k: int = PostprocessSettings.top_k
+    max_detections: int = PostprocessSettings.max_detections
+
+    @property
+    def postprocess(self) -> PostprocessSettings:
+        """These settings as :class:`~odkd.postprocess.PostprocessSettings`."""
+        return PostprocessSettings(
+            score_threshold=self.score_threshold,
+            top_k=self.top_k,
+            nms_threshold=self.nms_threshold,
+            max_detections=self.max_detections,
+        )
 
 
 @dataclass

@@ -56,16 +56,11 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
     from odkd.inference import detect_dataset
 
     eval_cfg = args.eval_cfg
-    settings = {
-        "score_threshold": eval_cfg.score_threshold,
-        "nms_threshold": eval_cfg.nms_threshold,
-        "top_k": eval_cfg.top_k,
-        "max_detections": eval_cfg.max_detections,
-    }
+    settings = eval_cfg.postprocess
     if args.onnx is not None:
         from odkd.runtime import OnnxDetector
 
-        model, settings, device = OnnxDetector(args.onnx, **settings), {}, None
+        model, settings, device = OnnxDetector(args.onnx, settings=settings), None, None
         where = "in the graph" if model.in_graph else "odkd's (the graph has none)"
         print(f"{args.onnx}: {model.precision}, onnxruntime on the CPU; post-processing {where}: {model.settings}")
     else:
@@ -78,7 +73,7 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
             f"{len(dataset.class_names)}: pass --classes (or --config) with the classes it was trained on"
         )
     detections = detect_dataset(
-        model, dataset, device, batch_size=eval_cfg.batch_size, num_workers=args.workers, **settings
+        model, dataset, device, batch_size=eval_cfg.batch_size, num_workers=args.workers, settings=settings
     )
     if args.draw:
         draw_grid(dataset, detections, args)

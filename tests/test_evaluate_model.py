@@ -15,6 +15,7 @@ from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthet
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
+from odkd.postprocess import PostprocessSettings
 from tests.conftest import load_script
 
 
@@ -69,7 +70,7 @@ def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -
     """Make each test image's objects its two best detections by ``model`` (rounded to whole pixels), in
     the VOC and the COCO copy of the set: a random model then has an AP between 0 and 1, with true and
     false positives interleaved in its ranking."""
-    predictor = Predictor(model, torch.device("cpu"), **settings)
+    predictor = Predictor(model, torch.device("cpu"), PostprocessSettings(**settings))
     data = json.loads(coco.read_text())
     category = {c["name"]: c["id"] for c in data["categories"]}
     data["annotations"] = []
@@ -113,13 +114,15 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
     coco_data = {"format": "coco", "classes": "synthetic", "coco": files}
     coco.write_text(json.dumps({"data": coco_data, "eval": {**settings, "metric": "coco"}}))
     dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
-    for name, detections in detect_dataset(model, dataset, num_workers=0, progress=False, **settings).items():
+    for name, detections in detect_dataset(
+        model, dataset, num_workers=0, progress=False, settings=PostprocessSettings(**settings)
+    ).items():
         assert len(detections.scores) == 0 or (np.diff(np.sort(detections.scores)) > 2e-5).all(), name
 
     evaluate = load_script("evaluate")
     for config, postprocess in ((voc, False), (coco, True)):
         onnx_path = export_onnx(
-            model, tmp_path / f"m_{postprocess}.onnx", postprocess, **(settings if postprocess else {})
+            model, tmp_path / f"m_{postprocess}.onnx", PostprocessSettings(**settings) if postprocess else None
         )
         results = {}
         for flag, path in (("--checkpoint", tmp_path / "m.pt"), ("--onnx", onnx_path)):

@@ -222,10 +222,7 @@ class EvalHook(HookBase):
             batch_size=cfg.batch_size,
             num_workers=self.num_workers,
             progress=self.progress,
-            score_threshold=cfg.score_threshold,
-            nms_threshold=cfg.nms_threshold,
-            top_k=cfg.top_k,
-            max_detections=cfg.max_detections,
+            settings=cfg.postprocess,
         )
         result = evaluate_dataset(detections, self.test_set, cfg.metric)
         trainer.model.train()
