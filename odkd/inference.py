@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from odkd.data import DetectionDataset, build_loader, build_transform
-from odkd.eval import ClassDetections
+from odkd.data import DetectionDataset, ImageDetections, build_loader, build_transform
 from odkd.models import SSD
 from odkd.postprocess import Detections, PostprocessSettings, postprocess
 
@@ -53,38 +52,29 @@ def detect_dataset(
     num_workers: int = 4,
     progress: bool = True,
     settings: PostprocessSettings | None = None,
-) -> dict[str, ClassDetections]:
-    """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
-    resize), grouped by class in the dataset's pixel coordinates (the VOC devkit's for VOC data), ready for
-    :func:`odkd.eval.evaluate_dataset`.
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[int, ImageDetections]:
+    """Dataset index -> :class:`ImageDetections` of ``model`` for every image of ``dataset`` (its transform
+    is replaced by the eval resize), in dataset order, boxes in the dataset's pixel coordinates (the VOC
+    devkit's for VOC data): what :func:`odkd.eval.evaluate_dataset` scores.
 
     ``model``: an :class:`SSD`, run by a :class:`Predictor` on ``device`` (default CPU) with ``settings``
     (default :class:`PostprocessSettings`); or any :class:`BatchDetector` (e.g. an exported file), which
-    brings its own device and post-processing settings."""
+    brings its own device and post-processing settings. ``rank``, ``world_size``: only this process's
+    share of a sharded evaluation, every ``world_size``-th image from the ``rank``-th."""
     if isinstance(model, SSD):
         model = Predictor(model, device or torch.device("cpu"), settings or PostprocessSettings())
     elif settings is not None or device is not None:
         raise ValueError("device and post-processing settings are an SSD's; a BatchDetector holds its own")
     dataset = copy.copy(dataset)  # same annotations, the eval transform
     dataset.transform = build_transform(False, model.image_size)
-    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
-    per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
-    for index, det in detect(model, loader, progress):
-        image_id = dataset.annotations[index].image_id
-        boxes = dataset.to_pixels(det.boxes, index)
-        scores, labels = det.scores.numpy(), det.labels.numpy()
-        for label in np.unique(labels):
-            keep = labels == label
-            per_class[int(label)].append((image_id, scores[keep], boxes[keep]))
-    result = {}
-    for label, parts in per_class.items():
-        ids = np.array([image_id for image_id, scores, _ in parts for _ in range(len(scores))], dtype=str)
-        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0)
-        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4))
-        result[dataset.class_names[label - 1]] = ClassDetections(
-            ids, scores.astype(np.float64), boxes.astype(np.float64)
-        )
-    return result
+    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, rank=rank, world_size=world_size)
+    return {
+        index: ImageDetections(dataset.to_pixels(det.boxes, index), det.scores.numpy(), det.labels.numpy())
+        for index, det in detect(model, loader, progress)
+    }
 
 
 class Predictor:

@@ -33,15 +33,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from odkd.data import VOCDataset
+from odkd.data import ImageDetections, VOCDataset
 from odkd.data.voc import VOC_CLASSES, parse_image_sets
 from odkd.eval import (
     METRICS,
-    ClassDetections,
     COCOResult,
     VOCResult,
-    evaluate_dataset,
+    evaluate_results,
     format_result,
+    group_by_class,
     read_coco_results,
     read_devkit_results,
     write_coco_results,
@@ -50,9 +50,9 @@ from odkd.eval import (
 from odkd.files import check_output_path
 
 
-def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
+def run_model(args: argparse.Namespace, dataset) -> dict[int, ImageDetections]:
     """The detections of ``--checkpoint`` (batched, bf16 on CUDA) or ``--onnx`` (onnxruntime, CPU) on
-    ``dataset``, grouped by class in the dataset's pixels; optionally a grid of images with their detections."""
+    each image of ``dataset``, in the dataset's pixels; optionally a grid of images with their detections."""
     from odkd.inference import detect_dataset
 
     eval_cfg = args.eval_cfg
@@ -80,27 +80,19 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
     return detections
 
 
-def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Namespace) -> None:
+def draw_grid(dataset, detections: dict[int, ImageDetections], args: argparse.Namespace) -> None:
     """The first ``--draw`` images of the set with their detections above ``--draw-threshold``."""
-    import numpy as np
-
     from odkd.visualize import draw_detections, image_grid, write_image
 
     pictures = []
     for index in range(min(args.draw, len(dataset))):
-        image_id = dataset.annotations[index].image_id
-        boxes, labels, scores = [], [], []
-        for label, name in enumerate(dataset.class_names, start=1):
-            mine = detections[name].image_ids == image_id
-            boxes.append(detections[name].boxes[mine] - dataset.pixel_offset)  # -> 0-based corners
-            labels += [label] * int(mine.sum())
-            scores.append(detections[name].scores[mine])
+        boxes, scores, labels = detections[index]
         pictures.append(
             draw_detections(
                 dataset[index]["image"],
-                np.concatenate(boxes),
-                labels,
-                np.concatenate(scores).tolist(),
+                boxes - dataset.pixel_offset,  # -> 0-based corners
+                labels.tolist(),
+                scores.tolist(),
                 dataset.class_names,
                 args.draw_threshold,
             )
@@ -244,10 +236,11 @@ def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
         check_headers=args.model_file is not None,
     )
     if args.model_file is not None:
-        paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
+        per_class = group_by_class(run_model(args, dataset), dataset)
+        paths = write_devkit_results(args.detections, args.set_name, args.class_names, per_class)
         print(f"wrote {len(paths)} result files to {args.detections}")
     detections = read_devkit_results(args.detections, args.set_name, args.class_names)
-    return evaluate_dataset(detections, dataset, args.metric)
+    return evaluate_results(detections, dataset, args.metric)
 
 
 def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
@@ -258,8 +251,9 @@ def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
     images = args.coco_images or args.coco_json.parent
     dataset = COCODataset(args.coco_json, images, args.class_names, check_headers=args.model_file is not None)
     if args.model_file is not None:
-        print(f"wrote {write_coco_results(run_model(args, dataset), dataset, args.detections)}")
-    return evaluate_dataset(read_coco_results(args.detections, dataset), dataset, args.metric)
+        per_class = group_by_class(run_model(args, dataset), dataset)
+        print(f"wrote {write_coco_results(per_class, dataset, args.detections)}")
+    return evaluate_results(read_coco_results(args.detections, dataset), dataset, args.metric)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 from odkd.checkpoint import save_model
 from odkd.data import VOCDataset, read_image
 from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.eval import group_by_class
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
@@ -114,10 +115,9 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
     coco_data = {"format": "coco", "classes": "synthetic", "coco": files}
     coco.write_text(json.dumps({"data": coco_data, "eval": {**settings, "metric": "coco"}}))
     dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
-    for name, detections in detect_dataset(
-        model, dataset, num_workers=0, progress=False, settings=PostprocessSettings(**settings)
-    ).items():
-        assert len(detections.scores) == 0 or (np.diff(np.sort(detections.scores)) > 2e-5).all(), name
+    detections = detect_dataset(model, dataset, num_workers=0, progress=False, settings=PostprocessSettings(**settings))
+    for name, of_class in group_by_class(detections, dataset).items():
+        assert len(of_class.scores) == 0 or (np.diff(np.sort(of_class.scores)) > 2e-5).all(), name
 
     evaluate = load_script("evaluate")
     for config, postprocess in ((voc, False), (coco, True)):
