@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--calibration-config / --calibration-images calibrate an --int8 export")
     if args.calibration < 1:
         parser.error(f"--calibration must be at least 1 image, got {args.calibration}")
-    settings = None  # post-processing in the graph
+    settings = None  # no post-processing in the graph
     if args.with_postprocess:
         settings = PostprocessSettings(
             score_threshold=args.score_threshold,
