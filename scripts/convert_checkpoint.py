@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from odkd.checkpoint import ModelFileError, read_torch_file, save_model
-from odkd.convert import SOURCES, import_checkpoint
+from odkd.checkpoint import load_model, save_model
+from odkd.convert import SOURCES
 
 
 def main() -> None:
@@ -21,13 +21,9 @@ def main() -> None:
     parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
     args = parser.parse_args()
     try:
-        state = read_torch_file(args.input)
-    except (FileNotFoundError, ModelFileError) as err:
+        model = load_model(args.input, args.source)
+    except (FileNotFoundError, ValueError) as err:  # ModelFileError is a ValueError
         sys.exit(f"error: {err}")
-    try:
-        model = import_checkpoint(state, args.source)
-    except Exception as err:
-        sys.exit(f"error: {args.input}: {err}")
     save_model(model, args.output)
     params = sum(p.numel() for p in model.parameters())
     print(

@@ -26,6 +26,7 @@ from odkd.data.voc import read_image
 from odkd.device import select_device
 from odkd.files import check_output_path
 from odkd.inference import Predictor
+from odkd.postprocess import PostprocessSettings
 from odkd.visualize import draw_detections, write_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -111,7 +112,8 @@ def main() -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     names = model.label_names
-    predictor = Predictor(model, device, score_threshold=args.min_score)  # only what is drawn goes through NMS
+    # only what is drawn goes through NMS
+    predictor = Predictor(model, device, PostprocessSettings(score_threshold=args.min_score))
     args.output.mkdir(parents=True, exist_ok=True)
     latencies = []
     for path in files:

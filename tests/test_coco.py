@@ -15,7 +15,7 @@ from odkd.config import load_config
 from odkd.data import DatasetError, VOCDataset
 from odkd.data.coco import COCODataset, coco_class_names
 from odkd.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco, make_synthetic_voc
-from odkd.eval import ClassDetections, evaluate_coco, evaluate_dataset, read_coco_results, write_coco_results
+from odkd.eval import ClassDetections, evaluate_coco, evaluate_results, read_coco_results, write_coco_results
 from odkd.models import build_model
 
 
@@ -136,7 +136,7 @@ def test_voc_metric_on_coco_data_uses_continuous_iou(tmp_path, shift, ap):
     found = ClassDetections(
         np.array([dataset.annotations[0].image_id]), np.ones(1), np.array([[10 + shift, 5, 14 + shift, 9]])
     )
-    result = evaluate_dataset({"cat": found}, dataset, "voc07")
+    result = evaluate_results({"cat": found}, dataset, "voc07")
     assert result.ap["cat"] == pytest.approx(ap)
 
 

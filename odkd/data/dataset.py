@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
 import numpy as np
@@ -27,7 +27,15 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from odkd.data.image_cache import ImageCache
 
-__all__ = ["Annotation", "DatasetError", "DetectionDataset", "check_image", "class_name_problems", "read_image"]
+__all__ = [
+    "Annotation",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageDetections",
+    "check_image",
+    "class_name_problems",
+    "read_image",
+]
 
 # What torch's DataLoader makes of an exception raised in a worker: the worker's whole traceback as text.
 _WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
@@ -78,6 +86,15 @@ class Annotation:
             np.asarray(d["labels"], dtype=np.int64),
             np.asarray(d["difficult"], dtype=bool),
         )
+
+
+class ImageDetections(NamedTuple):
+    """What a detector found in one image, in the pixel coordinates of its format (as :class:`Annotation`
+    holds what is there), by decreasing score."""
+
+    boxes: np.ndarray  # (k, 4) float64 xmin, ymin, xmax, ymax
+    scores: np.ndarray  # (k,) float32 class probability
+    labels: np.ndarray  # (k,) int64 class index, 1..C
 
 
 # The bytes a complete file of these formats ends with (a JPEG's end-of-image marker, a PNG's IEND chunk).

@@ -45,6 +45,7 @@ __all__ = [
     "build_datasets",
     "build_detector",
     "build_task",
+    "build_test_set",
     "build_train_set",
     "build_trainer",
     "run_training",
@@ -107,6 +108,20 @@ def build_train_set(cfg: Config, transform: Callable | None = None) -> Detection
     return VOCDataset(data.voc_root, data.train_sets, ignore_classes=data.ignore_classes, **common)
 
 
+def build_test_set(cfg: Config, reads_images: bool = True) -> DetectionDataset | None:
+    """The test set of ``cfg.data`` (VOC- or COCO-format; None if not set), images as they are.
+    ``reads_images=False``: the annotations alone are read and checked (to score result files)."""
+    data = cfg.data
+    common = _dataset_options(cfg)
+    if not reads_images:
+        common.update(check_images=False, check_headers=False)
+    if data.format == "coco":
+        return COCODataset(data.coco.test_json, data.coco.test_images, **common) if data.coco.test_json else None
+    if not data.test_sets:
+        return None
+    return VOCDataset(data.voc_root, data.test_sets, ignore_classes=data.ignore_classes, **common)
+
+
 def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDataset, DetectionDataset | None]:
     """Train set with SSD augmentation to the model's input size, and the test set (None if not set);
     VOC- or COCO-format as ``data.format`` says."""
@@ -117,15 +132,7 @@ def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDa
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
     train_set = build_train_set(cfg, build_transform(True, model.image_size, mean=mean, augment=data.augment))
-    common = _dataset_options(cfg)
-    if data.format == "coco":
-        test_set = COCODataset(data.coco.test_json, data.coco.test_images, **common) if data.coco.test_json else None
-    else:
-        test_set = (
-            VOCDataset(data.voc_root, data.test_sets, ignore_classes=data.ignore_classes, **common)
-            if data.test_sets
-            else None
-        )
+    test_set = build_test_set(cfg)
     if data.cache_dir:  # one process decodes, the others wait for the file
         cache = ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers) if info.is_main else None
         barrier(info)
