@@ -10,16 +10,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from odkd.checkpoint import ModelFileError, read_torch_file, save_model
-from odkd.convert import SOURCES, import_checkpoint
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES))
+    parser.add_argument("--source", required=True, help="the publisher's format: qfgaohao or ssd.pytorch")
     parser.add_argument("--input", required=True, type=Path, help="the published .pth file")
     parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
     args = parser.parse_args()
+
+    from odkd.checkpoint import ModelFileError, read_torch_file, save_model
+    from odkd.convert import SOURCES, import_checkpoint
+
+    if args.source not in SOURCES:
+        parser.error(f"argument --source: invalid choice: {args.source!r} (choose from {', '.join(sorted(SOURCES))})")
     try:
         state = read_torch_file(args.input)
     except (FileNotFoundError, ModelFileError) as err:

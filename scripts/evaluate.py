@@ -33,8 +33,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from odkd.data import VOCDataset
-from odkd.data.voc import VOC_CLASSES, parse_image_sets
+from odkd.class_names import VOC_CLASSES
 from odkd.eval import (
     METRICS,
     ClassDetections,
@@ -203,6 +202,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
+    from odkd.data.voc import parse_image_sets
+
     args.metric = args.metric or args.eval_cfg.metric
     if args.metric == "coco":
         parser.error("--metric coco scores COCO-format data: give --coco-json")
@@ -240,6 +241,8 @@ def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -
 
 def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
     """VOC mode: run the model and write the devkit result files (with --checkpoint or --onnx), then score them."""
+    from odkd.data import VOCDataset
+
     # Scoring result files needs the annotations only: the images are checked when a model will read them.
     dataset = VOCDataset(
         args.voc_root,

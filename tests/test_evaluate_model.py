@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, read_image
-from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import _annotation_xml, make_synthetic_coco, make_synthetic_voc
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model

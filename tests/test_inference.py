@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.inference import detect_dataset
 from odkd.models import build_model
 

@@ -30,11 +30,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from odkd.data.dataset import Annotation
+if TYPE_CHECKING:  # scoring needs no torch: the data package loads it
+    from odkd.data.dataset import Annotation
 
 __all__ = [
     "METRICS",
