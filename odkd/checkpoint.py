@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from odkd.files import atomic_write
-from odkd.models import SSD, Preprocessing, build_model
+from odkd.models import SSD, build_model
+from odkd.preprocessing import Preprocessing
 
 __all__ = [
     "ModelFileError",

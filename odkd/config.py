@@ -11,6 +11,9 @@ overrides ``key.sub=value`` (values parsed as YAML) apply on top::
 Learning-rate scaling rule: the recipes give ``optim.lr`` for ``optim.reference_batch_size`` images per
 step; with another total batch (batch_size x GPUs) the lr is scaled linearly, and warm-up keeps the
 first iterations stable (see :func:`scaled_lr`).
+
+A config is plain data: this module and what it checks against (the class lists, the augmentation
+settings, the model names) import neither torch nor OpenCV.
 """
 
 from __future__ import annotations
@@ -27,12 +30,10 @@ from typing import Any, Literal
 
 import yaml
 
-from odkd.data.coco import COCO_CLASSES
-from odkd.data.dataset import class_name_problems
-from odkd.data.synthetic import SYNTHETIC_CLASSES
-from odkd.data.transforms import Augmentation
-from odkd.data.voc import VOC_CLASSES
-from odkd.postprocess import PostprocessSettings
+from odkd.augmentation import Augmentation
+from odkd.class_names import CLASS_LISTS, class_name_problems
+from odkd.model_names import MODEL_NAMES
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = [
     "Config",
@@ -46,8 +47,6 @@ __all__ = [
     "scaled_lr",
 ]
 
-CLASS_LISTS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
-
 
 class ConfigError(ValueError):
     """A config problem; the message names the file and the key."""
@@ -55,7 +54,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "mobilenetv2_ssdlite300"  # a name of odkd.models.MODELS
+    name: str = "mobilenetv2_ssdlite300"  # one of odkd.model_names.MODEL_NAMES
     width_mult: float = 1.0  # MobileNetV2 only
     pretrained_backbone: str | None = None  # "imagenet", a path to torchvision weights, or none
     init_checkpoint: str | None = None  # start from these weights (odkd model/training file)
@@ -413,11 +412,9 @@ def _range_problems(cfg: Config) -> list[str]:
 
 def _validate(cfg: Config, source: str) -> None:
     """Cross-field checks the types cannot express."""
-    from odkd.models import MODELS  # heavy import, only when a config is really loaded
-
     problems = []
-    if cfg.model.name not in MODELS:
-        problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}")
+    if cfg.model.name not in MODEL_NAMES:
+        problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODEL_NAMES)}")
     data = cfg.data
     if isinstance(data.classes, str) and data.classes not in (*CLASS_LISTS, "dataset"):
         problems.append(f"data.classes: {data.classes!r} is neither {[*CLASS_LISTS, 'dataset']} nor a list of names")

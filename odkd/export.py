@@ -33,7 +33,8 @@ from torch import nn
 from odkd.boxes import decode
 from odkd.files import check_output_path
 from odkd.models import SSD
-from odkd.postprocess import PostprocessSettings, postprocess_flat
+from odkd.postprocess import postprocess_flat
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["DeployedDetector", "export_onnx", "onnx_program"]
 

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from odkd.data import DetectionDataset, ImageDetections, build_loader, build_transform
 from odkd.models import SSD
-from odkd.postprocess import Detections, PostprocessSettings, postprocess
+from odkd.postprocess import Detections, postprocess
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["BatchDetector", "Predictor", "autocast_dtype", "detect", "detect_dataset"]
 

@@ -39,7 +39,8 @@ from odkd.data import DetectionDataset, build_transform, read_image
 from odkd.export import export_onnx
 from odkd.files import check_output_path
 from odkd.models import SSD
-from odkd.postprocess import Detections, PostprocessSettings
+from odkd.postprocess import Detections
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",

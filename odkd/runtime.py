@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odkd.postprocess import Detections, FlatDetections, PostprocessSettings, select_detections, split_by_image
+from odkd.postprocess import Detections, FlatDetections, select_detections, split_by_image
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["OnnxDetector"]
 

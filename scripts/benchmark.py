@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from odkd.class_names import VOC_CLASSES
 from odkd.data import DatasetError
-from odkd.data.voc import VOC_CLASSES, Annotation
+from odkd.data.voc import Annotation
 from odkd.device import select_device
 from odkd.engine import TrainingError, read_metrics
 from odkd.engine.trainer import HookBase
@@ -223,7 +224,7 @@ def synthetic_voc(
 
 def _benchmark_classes() -> list[str]:
     """VOC's 20 object classes for the heads' sizes: the five synthetic ones and 15 that never occur."""
-    from odkd.data.synthetic import SYNTHETIC_CLASSES
+    from odkd.class_names import SYNTHETIC_CLASSES
 
     return [*SYNTHETIC_CLASSES, *(f"unused{i}" for i in range(20 - len(SYNTHETIC_CLASSES)))]
 
@@ -301,9 +302,10 @@ def bench_eval(args: argparse.Namespace) -> None:
 
 
 def bench_loader(args: argparse.Namespace) -> None:
+    from odkd.class_names import SYNTHETIC_CLASSES
     from odkd.data import VOCDataset, build_loader, build_transform
     from odkd.data.image_cache import ImageCache
-    from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+    from odkd.data.synthetic import make_synthetic_voc
 
     # VOC-like image sizes (VOC photos are mostly 500 x 375-500) and JPEG decoding.
     make_synthetic_voc(args.root, {"trainval": args.images}, min_size=375, max_size=500)
@@ -313,11 +315,14 @@ def bench_loader(args: argparse.Namespace) -> None:
         f"{len(dataset)} images of 375-500 px; {os.cpu_count()} CPUs"
     )
     start = time.perf_counter()
-    cache = ImageCache.for_dataset(Path(args.root) / "cache", dataset, workers=max(args.workers), progress=False)
+    cache = ImageCache.for_images(
+        Path(args.root) / "cache", dataset.image_paths, dataset.image_shapes, workers=max(args.workers), progress=False
+    )
+    files = dataset.images
     size = cache.path.stat().st_size / 2**20
     print(f"decoded-image cache: {size:.0f} MiB, ready in {time.perf_counter() - start:.1f} s")
     for source in ("JPEG files", "decoded cache"):
-        dataset.image_cache = cache if source == "decoded cache" else None
+        dataset.images = cache if source == "decoded cache" else files
         start = time.perf_counter()
         for i in range(args.images):
             dataset[(i, i)]

@@ -10,16 +10,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from odkd.checkpoint import load_model, save_model
-from odkd.convert import SOURCES
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES))
+    parser.add_argument("--source", required=True, help="the publisher's format: qfgaohao or ssd.pytorch")
     parser.add_argument("--input", required=True, type=Path, help="the published .pth file")
     parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
     args = parser.parse_args()
+
+    from odkd.checkpoint import load_model, save_model
+    from odkd.convert import SOURCES
+
+    if args.source not in SOURCES:
+        parser.error(f"argument --source: invalid choice: {args.source!r} (choose from {', '.join(sorted(SOURCES))})")
     try:
         model = load_model(args.input, args.source)
     except (FileNotFoundError, ValueError) as err:  # ModelFileError is a ValueError

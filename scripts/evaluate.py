@@ -32,10 +32,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+# Torch-free: --help answers without loading torch; what needs it is imported where it is used.
 from odkd.config import Config, evaluation_config
-from odkd.data import DetectionDataset, ImageDetections
-from odkd.engine.build import build_test_set
 from odkd.eval import (
     METRICS,
     COCOResult,
@@ -50,6 +50,9 @@ from odkd.eval import (
     write_devkit_results,
 )
 from odkd.files import check_output_path
+
+if TYPE_CHECKING:
+    from odkd.data import DetectionDataset, ImageDetections
 
 
 def run_model(args: argparse.Namespace, cfg: Config, dataset: DetectionDataset) -> dict[int, ImageDetections]:
@@ -106,6 +109,8 @@ def draw_grid(dataset: DetectionDataset, detections: dict[int, ImageDetections],
 def evaluate(args: argparse.Namespace, cfg: Config) -> VOCResult | COCOResult:
     """Run the model and write its result files (with --checkpoint or --onnx), then score the result files:
     devkit files in a folder (VOC data) or a COCO results file."""
+    from odkd.engine.build import build_test_set
+
     coco = cfg.data.format == "coco"
     dataset = build_test_set(cfg, reads_images=args.model_file is not None)
     image_set = None if coco else devkit_image_set(cfg.data.test_sets)

@@ -35,24 +35,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from odkd.checkpoint import load_model
-from odkd.export import DeployedDetector, export_onnx
-from odkd.files import check_output_path
-from odkd.inference import Predictor
-from odkd.models import SSD
-from odkd.postprocess import PostprocessSettings
-from odkd.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_FLOAT_HEADS,
-    CalibrationImages,
-    export_int8,
-    matched_detections,
-)
-from odkd.runtime import OnnxDetector
+from odkd.postprocess_settings import PostprocessSettings
+
+if TYPE_CHECKING:  # the rest after the arguments are read: --help answers without loading torch
+    from odkd.models import SSD
+    from odkd.quantize import CalibrationImages
 
 
 def check(path: Path, model: SSD, settings: PostprocessSettings | None, batch: int = 2) -> str:
@@ -61,6 +52,9 @@ def check(path: Path, model: SSD, settings: PostprocessSettings | None, batch: i
     detections agree: all of them, equal scores included (both take the lower prior index first), unless
     an IoU lies within float32 rounding of the NMS threshold (:func:`odkd.postprocess.nms_rows`)."""
     import onnxruntime
+    import torch
+
+    from odkd.export import DeployedDetector, export_onnx
 
     def run(onnx_path: Path) -> list[np.ndarray]:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -107,6 +101,12 @@ def check_int8(
     """The INT8 file's detections against PyTorch's float ones on the first ``count`` calibration images:
     how many confident float detections (score >= 0.5) the file also finds (same class, IoU >= 0.5), both
     post-processed with ``settings`` (default: :class:`PostprocessSettings`)."""
+    import torch
+
+    from odkd.inference import Predictor
+    from odkd.quantize import matched_detections
+    from odkd.runtime import OnnxDetector
+
     images = torch.stack([calibration[i] for i in range(min(count, len(calibration)))])
     settings = settings or PostprocessSettings()
     expected = Predictor(model, torch.device("cpu"), settings).detect_batch(images, on_cpu=True)
@@ -116,6 +116,8 @@ def check_int8(
 
 
 def calibration_images(args: argparse.Namespace, image_size: int) -> CalibrationImages:
+    from odkd.quantize import CalibrationImages
+
     if args.calibration_config is not None:
         return CalibrationImages.from_config(args.calibration_config, args.calibration, image_size)
     return CalibrationImages.from_folder(args.calibration_images, args.calibration, image_size)
@@ -134,17 +136,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     parser.add_argument("--int8", action="store_true", help="INT8 static quantisation (onnxruntime, QDQ)")
-    parser.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="--int8: images used")
+    parser.add_argument("--calibration", type=int, help="--int8: images used (default: 300)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--calibration-config", type=Path, help="--int8: calibrate on this config's training set")
     source.add_argument("--calibration-images", type=Path, help="--int8: calibrate on the images in this folder")
     parser.add_argument(
         "--float-heads",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULT_FLOAT_HEADS,
-        help="--int8: keep the heads' last convolutions (box regressions, class logits) float",
+        help="--int8: keep the heads' last convolutions (box regressions, class logits) float (default: no)",
     )
     args = parser.parse_args(argv)
+
+    from odkd.checkpoint import load_model
+    from odkd.export import export_onnx
+    from odkd.files import check_output_path
+    from odkd.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_FLOAT_HEADS, export_int8
+
+    args.calibration = DEFAULT_CALIBRATION_IMAGES if args.calibration is None else args.calibration
+    args.float_heads = DEFAULT_FLOAT_HEADS if args.float_heads is None else args.float_heads
     calibrating = args.calibration_config is not None or args.calibration_images is not None
     if args.int8 and not calibrating:
         parser.error("--int8 needs calibration images: --calibration-config CONFIG or --calibration-images FOLDER")

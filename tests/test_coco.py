@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.config import load_config
 from odkd.data import DatasetError, VOCDataset
 from odkd.data.coco import COCODataset, coco_class_names
-from odkd.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import COCO_CATEGORY_IDS, make_synthetic_coco, make_synthetic_voc
 from odkd.eval import ClassDetections, evaluate_coco, evaluate_results, read_coco_results, write_coco_results
 from odkd.models import build_model
 

@@ -3,7 +3,7 @@
 import pytest
 
 from odkd.config import ConfigError, evaluation_config, load_config, save_config, scaled_lr
-from odkd.postprocess import PostprocessSettings
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -181,7 +181,7 @@ def test_method_settings_are_checked_against_their_class_when_the_run_is_built(o
 
 def test_evaluation_config_from_arguments_and_files(tmp_path):
     """evaluate.py's arguments on top of a config file, or alone: nothing about the data is assumed."""
-    from odkd.data.voc import VOC_CLASSES
+    from odkd.class_names import VOC_CLASSES
 
     cfg = evaluation_config(voc_root=tmp_path, year="2007", image_set="test")
     assert (cfg.data.format, cfg.data.voc_root, cfg.data.test_sets) == ("voc", str(tmp_path), "2007_test")

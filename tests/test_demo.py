@@ -8,12 +8,13 @@ import torch
 from _bad_images import noisy_jpeg
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.data.voc import read_image
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
-from odkd.postprocess import PostprocessSettings
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_predictor_matches_dataset_detection(tmp_path):

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from odkd.checkpoint import load_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.config import load_config
 from odkd.data import VOCDataset, build_loader
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.dataset import ImageFiles
+from odkd.data.image_cache import ImageCache
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_distributed
 from odkd.engine.build import build_datasets, build_detector, build_trainer, train_gt_slots
 from odkd.engine.distributed import backend_for
@@ -148,6 +151,7 @@ def test_skip_invalid_leaves_out_unreadable_images(tmp_path):
     assert len(messages) == 2 and re.search(rf"skipping {broken.stem}: .*truncated JPEG", messages[0])
     assert "skipped 1 of 8 images with bad data" in messages[1]
     assert len(train_set) + len(test_set) == 8 + 3 - 1 and broken not in train_set.image_paths
+    assert isinstance(train_set.images, ImageCache) and isinstance(test_set.images, ImageFiles)
     train_set[0]  # the decoded-image cache holds the readable ones
 
 

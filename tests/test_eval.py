@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from odkd.data.voc import VOC_CLASSES, Annotation, load_annotations
+from odkd.class_names import VOC_CLASSES
+from odkd.data.voc import Annotation, load_annotations
 from odkd.eval import (
     average_precision,
     evaluate,

@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, read_image
-from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import _annotation_xml, make_synthetic_coco, make_synthetic_voc
 from odkd.eval import group_by_class
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
-from odkd.postprocess import PostprocessSettings
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):

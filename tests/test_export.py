@@ -16,7 +16,8 @@ from torch import nn
 from odkd.checkpoint import save_model
 from odkd.export import DeployedDetector, export_onnx, onnx_program
 from odkd.models import build_model
-from odkd.postprocess import PostprocessSettings, nms_rows, postprocess_flat
+from odkd.postprocess import nms_rows, postprocess_flat
+from odkd.postprocess_settings import PostprocessSettings
 from tests.conftest import load_script
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.eval import evaluate_dataset, group_by_class
 from odkd.inference import detect_dataset
 from odkd.models import build_model

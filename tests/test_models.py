@@ -9,9 +9,11 @@ import torchvision
 
 from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
 from odkd.files import FileWriteError
-from odkd.models import IMAGENET, Preprocessing, build_model
+from odkd.model_names import MODEL_NAMES
+from odkd.models import MODELS, build_model
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
+from odkd.preprocessing import IMAGENET, Preprocessing
 from odkd.priors import build_priors
 
 
@@ -34,6 +36,10 @@ ARCHS = {
     "mobilenetv2_ssdlite300": (300, 3000, [576, 1280, 512, 256, 256, 64], [19, 10, 5, 3, 2, 1], [6] * 6, True),
     "mobilenetv2_ssdlite320": (320, 3234, [576, 1280, 512, 256, 256, 64], [20, 10, 5, 3, 2, 1], [6] * 6, True),
 }
+
+
+def test_model_names_are_the_architectures_built():
+    assert tuple(MODELS) == MODEL_NAMES == tuple(ARCHS)
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from _crowded import BOXES, IMAGES, crowded_batch
 
-from odkd.postprocess import PostprocessSettings, postprocess
+from odkd.postprocess import postprocess
+from odkd.postprocess_settings import PostprocessSettings
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

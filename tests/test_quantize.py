@@ -19,7 +19,8 @@ from odkd.data.synthetic import make_synthetic_voc
 from odkd.export import DeployedDetector, export_onnx
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
-from odkd.postprocess import Detections, PostprocessSettings
+from odkd.postprocess import Detections
+from odkd.postprocess_settings import PostprocessSettings
 from odkd.quantize import (
     CalibrationImages,
     export_int8,

@@ -8,7 +8,7 @@ from _tiny_ssd import tiny_ssd
 
 from odkd.export import export_onnx
 from odkd.inference import Predictor
-from odkd.postprocess import PostprocessSettings
+from odkd.postprocess_settings import PostprocessSettings
 from odkd.runtime import OnnxDetector
 
 

@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from odkd.checkpoint import ModelFileError, init_from_checkpoint
 from odkd.config import Config, scaled_lr
 from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transform
 from odkd.data.coco import COCODataset
+from odkd.data.dataset import ImageFiles, OpenImages
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from odkd.device import select_device
@@ -99,13 +100,34 @@ def _dataset_options(cfg: Config) -> dict:
     return {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
 
 
-def build_train_set(cfg: Config, transform: Callable | None = None) -> DetectionDataset:
-    """The training set of ``cfg.data`` (VOC- or COCO-format) with ``transform`` (None: images as they are)."""
+def build_train_set(
+    cfg: Config, transform: Callable | None = None, open_images: OpenImages = ImageFiles
+) -> DetectionDataset:
+    """The training set of ``cfg.data`` (VOC- or COCO-format) with ``transform`` (None: images as they are),
+    its images opened by ``open_images`` (default: decoded from their files at every read)."""
     data = cfg.data
-    common = {**_dataset_options(cfg), "transform": transform, "keep_difficult": data.keep_difficult}
+    common = {
+        **_dataset_options(cfg),
+        "transform": transform,
+        "keep_difficult": data.keep_difficult,
+        "open_images": open_images,
+    }
     if data.format == "coco":
         return COCODataset(data.coco.train_json, data.coco.train_images, **common)
     return VOCDataset(data.voc_root, data.train_sets, ignore_classes=data.ignore_classes, **common)
+
+
+def _decoded_images(cfg: Config, info: DistInfo) -> OpenImages:
+    """Opens images through their decoded-image cache in ``data.cache_dir``: one process decodes them, the
+    others wait for its file."""
+    directory, workers = cfg.data.cache_dir, cfg.data.num_workers
+
+    def open_cache(paths: Sequence[Path], shapes: Sequence[tuple[int, int]]) -> ImageCache:
+        cache = ImageCache.for_images(directory, paths, shapes, workers=workers) if info.is_main else None
+        barrier(info)
+        return cache or ImageCache.for_images(directory, paths, shapes, build=False)
+
+    return open_cache
 
 
 def build_test_set(cfg: Config, reads_images: bool = True) -> DetectionDataset | None:
@@ -123,20 +145,18 @@ def build_test_set(cfg: Config, reads_images: bool = True) -> DetectionDataset |
 
 
 def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDataset, DetectionDataset | None]:
-    """Train set with SSD augmentation to the model's input size, and the test set (None if not set);
-    VOC- or COCO-format as ``data.format`` says."""
+    """Train set with SSD augmentation to the model's input size (its images read from the decoded-image
+    cache with ``data.cache_dir``), and the test set (None if not set); VOC- or COCO-format as ``data.format``
+    says."""
     data = cfg.data
     if data.synthetic:
         if info.is_main:  # one process writes, the others wait for it
             write_synthetic_data(cfg)
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
-    train_set = build_train_set(cfg, build_transform(True, model.image_size, mean=mean, augment=data.augment))
+    transform = build_transform(True, model.image_size, mean=mean, augment=data.augment)
+    train_set = build_train_set(cfg, transform, _decoded_images(cfg, info) if data.cache_dir else ImageFiles)
     test_set = build_test_set(cfg)
-    if data.cache_dir:  # one process decodes, the others wait for the file
-        cache = ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers) if info.is_main else None
-        barrier(info)
-        train_set.image_cache = cache or ImageCache.for_dataset(data.cache_dir, train_set, build=False)
     return train_set, test_set
 
 
