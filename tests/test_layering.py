@@ -43,6 +43,7 @@ def test_importing_the_config_loads_no_torch_opencv_or_albumentations():
         "odkd.class_names",
         "odkd.config",
         "odkd.model_names",
+        "odkd.postprocess_settings",
     }
 
 

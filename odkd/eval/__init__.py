@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from odkd.data import DetectionDataset, ImageDetections
 from odkd.eval import voc
 from odkd.eval.coco import (
     COCO_STATS,
@@ -21,6 +21,9 @@ from odkd.eval.coco import (
 )
 from odkd.eval.voc import *  # noqa: F403  (the public API of odkd.eval.voc, listed in its __all__)
 from odkd.eval.voc import ClassDetections, VOCResult, evaluate, format_ap_table
+
+if TYPE_CHECKING:  # scoring needs no torch: the data package loads it
+    from odkd.data import DetectionDataset, ImageDetections
 
 __all__ = [
     *voc.__all__,
