@@ -1,24 +1,14 @@
 """Shared test helpers."""
 
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module, to call in-process (a subprocess spends seconds importing torch)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:

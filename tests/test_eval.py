@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from odkd.eval import (
     results_path,
     write_devkit_results,
 )
-from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT.parent / "shared" / "reference" / "voc07_val_eval_case"
@@ -314,12 +312,9 @@ def test_devkit_numbers_through_the_script(devkit_case, run_script, metric):
     assert_matches_devkit({**written["ap"], "mAP": written["mAP"]}, expected[metric])
 
 
-def test_script_reports_bad_input_in_one_line(tmp_path, monkeypatch):
-    # In-process: a subprocess would spend seconds importing torch for one error line.
-    script = load_script("evaluate")
+def test_script_reports_bad_input_in_one_line(tmp_path, run_script):
     args = ["--detections", tmp_path, "--voc-root", tmp_path / "nowhere", "--year", "2007", "--image-set", "val"]
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        script.main()
-    message = str(exited.value.code)
+    done = run_script("evaluate.py", *args)
+    message = done.stderr.strip()
+    assert done.returncode == 1
     assert message.startswith(f"error: {tmp_path / 'nowhere' / 'VOC2007'} does not exist") and "\n" not in message

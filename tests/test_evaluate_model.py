@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from odkd.checkpoint import save_model
@@ -15,7 +14,6 @@ from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthet
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
-from tests.conftest import load_script
 
 
 def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):
@@ -90,7 +88,7 @@ def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -
     coco.write_text(json.dumps(data))
 
 
-def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
+def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_script):
     """evaluate.py --onnx on the float export gives the AP of evaluate.py --checkpoint, with odkd's NMS
     after the file (VOC data, devkit AP) and with NMS in the file (COCO data, pycocotools AP).
 
@@ -116,21 +114,19 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
     for name, detections in detect_dataset(model, dataset, num_workers=0, progress=False, **settings).items():
         assert len(detections.scores) == 0 or (np.diff(np.sort(detections.scores)) > 2e-5).all(), name
 
-    evaluate = load_script("evaluate")
     for config, postprocess in ((voc, False), (coco, True)):
         onnx_path = export_onnx(
             model, tmp_path / f"m_{postprocess}.onnx", postprocess, **(settings if postprocess else {})
         )
-        results = {}
+        results, printed = {}, ""
         for flag, path in (("--checkpoint", tmp_path / "m.pt"), ("--onnx", onnx_path)):
             out = tmp_path / f"{flag[2:]}_{postprocess}"
             detections = out / ("r.json" if postprocess else "r")
-            evaluate.main([str(a) for a in ("--config", config, flag, path, "--detections", detections,
-                                            "--output-json", out / "ap.json", "--workers", 0)])  # fmt: skip
-            results[flag] = json.loads((out / "ap.json").read_text())
-        assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in (
-            capsys.readouterr().out
-        )
+            done = run_script("evaluate.py", "--config", config, flag, path, "--detections", detections,
+                              "--output-json", out / "ap.json", "--workers", 0)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            results[flag], printed = json.loads((out / "ap.json").read_text()), printed + done.stdout
+        assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in printed
         assert results["--onnx"] == results["--checkpoint"]
         assert 0 < results["--onnx"]["mAP"] < 1  # true and false positives
 
@@ -140,6 +136,5 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, capsys):
         (["--onnx", "m.onnx", "--device", "cpu"], "--device is for --checkpoint"),
         (["--onnx", tmp_path / "nowhere.onnx"], "nowhere.onnx does not exist"),
     ):
-        with pytest.raises(SystemExit) as exited:
-            evaluate.main([str(a) for a in ("--config", voc, *argv)])
-        assert message in (str(exited.value.code) + capsys.readouterr().err)
+        done = run_script("evaluate.py", "--config", voc, *argv)
+        assert done.returncode != 0 and message in done.stderr
