@@ -20,6 +20,7 @@ from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transfor
 from odkd.data.coco import COCODataset
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
+from odkd.device import select_device
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.hooks import (
     CalibrationHook,
@@ -231,6 +232,7 @@ def run_training(
     """
     out = Path(cfg.train.output_dir)
     check_output_path(out, "train.output_dir", folder=True)  # before minutes of set-up
+    select_device(device)  # a missing CUDA device is said before the run folder is made and locked
     is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
     with claim_run_folder(out, fresh=resume is None, overwrite=overwrite) if is_main else contextlib.nullcontext():
         trainer = build_trainer(cfg, device, progress)
