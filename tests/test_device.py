@@ -17,11 +17,10 @@ def test_every_script_says_there_is_no_cuda_device(tmp_path, run_scripts):
     torch's assertions deep inside, after reading the model and the data."""
     torch.manual_seed(0)
     save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5), tmp_path / "m.pt")
-    run = f"train.output_dir={tmp_path / 'run'}"
     evaluate = ["--checkpoint", tmp_path / "m.pt", "--voc-root", tmp_path, "--year", "2007", "--image-set", "test"]
     calls = [
-        ("train_teacher.py", run),
-        ("distill.py", "--teacher", tmp_path / "m.pt", run),
+        ("train_teacher.py", f"train.output_dir={tmp_path / 'teacher'}"),  # side by side: a run folder each
+        ("distill.py", "--teacher", tmp_path / "m.pt", f"train.output_dir={tmp_path / 'student'}"),
         ("compare.py", "--arm", "base", ROOT / "configs" / "demo_teacher_synthetic.yaml", "--output-dir",
          tmp_path / "compare"),
         ("benchmark.py", "train", "--root", tmp_path / "data"),
@@ -33,4 +32,4 @@ def test_every_script_says_there_is_no_cuda_device(tmp_path, run_scripts):
         assert done.returncode == 1, (call, done.stderr[-2000:])
         line = done.stderr.strip()
         assert re.fullmatch(r"error: --device cuda: no CUDA device is available \(PyTorch .*\)", line), (call, line)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing done first
+    assert not any((tmp_path / name).exists() for name in ("teacher", "student", "data"))  # nothing done first

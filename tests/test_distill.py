@@ -255,10 +255,10 @@ def test_a_teacher_file_that_is_not_a_model_is_named_in_one_line(tmp_path, run_s
     save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5), tmp_path / "full.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:100_000])
     teachers = [(tmp_path / "teacher.txt", "odkd"), (tmp_path / "cut.pt", "odkd"), (tmp_path / "cut.pt", "qfgaohao")]
-    refused = run_scripts(*(
+    refused = run_scripts(*(  # side by side: each in its own run folder
         ("distill.py", "--teacher", teacher, "--device", "cpu", f"distill.teacher_source={source}",
-         f"data.voc_root={tmp_path / 'voc'}", "data.synthetic=false", f"train.output_dir={tmp_path / 'run'}")
-        for teacher, source in teachers
+         f"data.voc_root={tmp_path / 'voc'}", "data.synthetic=false", f"train.output_dir={tmp_path / f'run{i}'}")
+        for i, (teacher, source) in enumerate(teachers)
     ))  # fmt: skip
     for (teacher, _), done in zip(teachers, refused, strict=True):
         line = done.stderr.strip()
