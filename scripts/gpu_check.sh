@@ -86,7 +86,7 @@ run() {
     return $rc
 }
 
-# The machine and the packages: nvidia-smi, the wheels where packages are missing, torch's view of the GPU.
+# The machine and the packages: nvidia-smi, the wheels where packages are missing.
 setup() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader >>"$log" 2>&1
@@ -106,12 +106,6 @@ sys.exit(not all(map(u.find_spec, sys.argv[1:])))" albumentations albucore pydan
     else
         say "no .whl/ folder: wheel install skipped (albumentations or pycocotools missing: stages will fail)"
     fi
-    "$py" -c "import torch, torchvision, os
-cuda = torch.cuda.is_available()
-name = torch.cuda.get_device_name() if cuda else 'no CUDA device'
-bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-print(f'device: {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, '
-      f'CUDA {torch.version.cuda}, bf16 {bf16}, {os.cpu_count()} CPUs')" 2>&1 | tee -a "$log"
 }
 
 echo "gpu_check.sh$([ $dry = 1 ] && echo ' dry run'): budget $budget s, stages $stages" >"$log"
@@ -140,13 +134,21 @@ else
 fi
 say "$cpus CPUs: $workers loader workers"
 
-# Stage 2's synthetic JPEGs (~10-15 ms each: a minute for the 4,952 of the evaluation) are written in the
-# background while the tests run; benchmark.py finds them made with its arguments and uses them.
-if want 2 && [ $print = 0 ]; then
-    "$py" -c "import sys; from odkd.data.synthetic import make_synthetic_voc
-make_synthetic_voc(sys.argv[1], {'trainval': int(sys.argv[2])}, min_size=375, max_size=500)
-make_synthetic_voc(sys.argv[3], {'test': int(sys.argv[4])}, min_size=375, max_size=500)" \
-        "$work/bench_train" $train_images "$work/bench_eval" $eval_images >>"$log" 2>&1 &
+# torch's view of the GPU, then stage 2's synthetic JPEGs (~10-15 ms each: a minute for the 4,952 of the evaluation),
+# from one Python process in the background while the tests run: its imports (seconds) hold up no stage. benchmark.py
+# finds the images made with its arguments and uses them.
+if [ $print = 0 ]; then
+    images=() && want 2 && images=("$work/bench_train" "$train_images" "$work/bench_eval" "$eval_images")
+    "$py" -c "import os, sys, torch, torchvision
+cuda = torch.cuda.is_available()
+name = torch.cuda.get_device_name() if cuda else 'no CUDA device'
+bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+print(f'device: {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, '
+      f'CUDA {torch.version.cuda}, bf16 {bf16}, {os.cpu_count()} CPUs', flush=True)
+if sys.argv[1:]:
+    from odkd.bench.synthetic import write_benchmark_images
+    write_benchmark_images(sys.argv[1], 'trainval', int(sys.argv[2]))
+    write_benchmark_images(sys.argv[3], 'test', int(sys.argv[4]))" "${images[@]}" 2>&1 | tee -a "$log" &
 fi
 
 status=0 # the script's exit status: 1 if a stage failed
@@ -218,6 +220,7 @@ if want 3; then
 fi
 
 real_report=() && want 3 && real_report=(--compare "$work/voc5_real/compare.json")
+wait # the device line (stage 2 waited for it; --stages without 2 did not)
 [ $print = 1 ] || "$py" scripts/gpu_check.py summary "$out" "${real_report[@]}" 2>&1 | tee -a "$log"
 say "done in $SECONDS s"
 exit $status
