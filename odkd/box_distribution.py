@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from odkd.boxes import DEFAULT_VARIANCES
+from odkd.postprocess_settings import DEFAULT_VARIANCES
 
 __all__ = [
     "DEFAULT_MAX_EDGE",

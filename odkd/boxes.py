@@ -10,9 +10,10 @@ import math
 
 import torch
 
-__all__ = ["DEFAULT_VARIANCES", "cxcywh_to_xyxy", "decode", "encode", "paired_giou", "paired_iou", "xyxy_to_cxcywh"]
+from odkd.postprocess_settings import DEFAULT_VARIANCES
 
-DEFAULT_VARIANCES = (0.1, 0.2)
+__all__ = ["cxcywh_to_xyxy", "decode", "encode", "paired_giou", "paired_iou", "xyxy_to_cxcywh"]
+
 
 # Largest log-scale a decoded box may have relative to its prior (about 62x), so that wild
 # predictions early in training give huge boxes instead of inf (same bound as torchvision).

@@ -1,4 +1,5 @@
-"""Saving and loading models: atomic writes, and a self-describing model file.
+"""Saving and loading models: atomic writes, a self-describing model file, and :func:`load_model`, the one
+way to get a model's weights from a file (a model file, a training checkpoint or a published checkpoint).
 
 A model file holds what is needed to rebuild the model without a config: the architecture spec
 (name, classes, width), the preprocessing its weights expect, and the state dict.
@@ -7,20 +8,21 @@ A model file holds what is needed to rebuild the model without a config: the arc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from odkd.files import atomic_write
-from odkd.models import SSD, Preprocessing, build_model
+from odkd.models import SSD, build_model
+from odkd.preprocessing import Preprocessing
 
 __all__ = [
     "ModelFileError",
     "atomic_save",
     "init_from_checkpoint",
     "load_model",
-    "model_state_dict",
     "read_torch_file",
     "save_model",
 ]
@@ -71,7 +73,7 @@ def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
 
 
-def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
+def _odkd_weights(data: dict, path: Path) -> dict[str, torch.Tensor]:
     """The detector's weights from a model file or a training checkpoint (its EMA weights if it has them)."""
     if data.get("format") == MODEL_FORMAT:
         if data.get("version") != MODEL_FORMAT_VERSION:
@@ -91,14 +93,27 @@ def model_state_dict(data: dict, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSD:
-    """Rebuild a model saved by :func:`save_model`, or the detector of a training checkpoint (weights,
-    classes and their names, width and preprocessing)."""
+def load_model(path: str | os.PathLike, source: str = "odkd", *, map_location: str | torch.device = "cpu") -> SSD:
+    """The model whose weights the file at ``path`` holds.
+
+    ``source`` "odkd": a model file of :func:`save_model` or the detector of a training checkpoint
+    (weights, classes and their names, width and preprocessing); a published format of :mod:`odkd.convert`
+    ("ssd.pytorch", "qfgaohao"): imported with the preprocessing its weights expect. FileNotFoundError
+    without a file, ValueError (naming the file) for one that does not load or fit."""
     path = Path(path)
     data = read_torch_file(path, map_location)
+    if source != "odkd":
+        from odkd.convert import import_checkpoint
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: not a state dict but a {type(data).__name__}")
+        try:
+            return import_checkpoint(data, source)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an odkd model file")
-    state = model_state_dict(data, path)
+    state = _odkd_weights(data, path)
     spec = dict(data["spec"])
     model = build_model(spec.pop("name"), **spec)
     try:
@@ -118,13 +133,7 @@ def init_from_checkpoint(model: SSD, path: str | os.PathLike, source: str = "odk
     training checkpoint), or a published format of :mod:`odkd.convert` ("ssd.pytorch", "qfgaohao").
     Returns (tensors copied, tensors of ``model`` left as they were).
     """
-    path = Path(path)
-    if source == "odkd":
-        state = load_model(path).state_dict()
-    else:
-        from odkd.convert import import_checkpoint
-
-        state = import_checkpoint(read_torch_file(path), source).state_dict()
+    state = load_model(path, source).state_dict()
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:

@@ -11,6 +11,9 @@ overrides ``key.sub=value`` (values parsed as YAML) apply on top::
 Learning-rate scaling rule: the recipes give ``optim.lr`` for ``optim.reference_batch_size`` images per
 step; with another total batch (batch_size x GPUs) the lr is scaled linearly, and warm-up keeps the
 first iterations stable (see :func:`scaled_lr`).
+
+A config is plain data: this module and what it checks against (the class lists, the augmentation
+settings, the model names) import neither torch nor OpenCV.
 """
 
 from __future__ import annotations
@@ -20,31 +23,29 @@ import functools
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from odkd.data.coco import COCO_CLASSES
-from odkd.data.dataset import class_name_problems
-from odkd.data.synthetic import SYNTHETIC_CLASSES
-from odkd.data.transforms import Augmentation
-from odkd.data.voc import VOC_CLASSES
+from odkd.augmentation import Augmentation
+from odkd.class_names import CLASS_LISTS, class_name_problems
+from odkd.model_names import MODEL_NAMES
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = [
     "Config",
     "ConfigError",
     "check_value",
     "config_to_dict",
+    "evaluation_config",
     "load_config",
     "range_problems",
     "save_config",
     "scaled_lr",
 ]
-
-CLASS_LISTS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
 
 
 class ConfigError(ValueError):
@@ -53,7 +54,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "mobilenetv2_ssdlite300"  # a name of odkd.models.MODELS
+    name: str = "mobilenetv2_ssdlite300"  # one of odkd.model_names.MODEL_NAMES
     width_mult: float = 1.0  # MobileNetV2 only
     pretrained_backbone: str | None = None  # "imagenet", a path to torchvision weights, or none
     init_checkpoint: str | None = None  # start from these weights (odkd model/training file)
@@ -125,7 +126,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler (CUDA only)
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory format: cuDNN kernels on CUDA, oneDNN on the CPU
     compile: bool = False  # torch.compile the training step
     # torch.compile's mode; "reduce-overhead" and "max-autotune" replay the step as CUDA graphs
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
@@ -139,12 +140,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """How a test set is evaluated; the post-processing settings and their defaults are
+    :class:`~odkd.postprocess.PostprocessSettings`' (the box coding is the model's, not a setting here)."""
+
     metric: Literal["voc07", "area", "coco"] = "voc07"  # coco: pycocotools AP@[.5:.95] (COCO-format data)
     batch_size: int = 32
-    score_threshold: float = 0.01
-    nms_threshold: float = 0.45
-    top_k: int = 200
-    max_detections: int = 200
+    score_threshold: float = PostprocessSettings.score_threshold
+    nms_threshold: float = PostprocessSettings.nms_threshold
+    top_k: int = PostprocessSettings.top_k
+    max_detections: int = PostprocessSettings.max_detections
+
+    @property
+    def postprocess(self) -> PostprocessSettings:
+        """These settings as :class:`~odkd.postprocess.PostprocessSettings`."""
+        return PostprocessSettings(
+            score_threshold=self.score_threshold,
+            top_k=self.top_k,
+            nms_threshold=self.nms_threshold,
+            max_detections=self.max_detections,
+        )
 
 
 @dataclass
@@ -398,11 +412,9 @@ def _range_problems(cfg: Config) -> list[str]:
 
 def _validate(cfg: Config, source: str) -> None:
     """Cross-field checks the types cannot express."""
-    from odkd.models import MODELS  # heavy import, only when a config is really loaded
-
     problems = []
-    if cfg.model.name not in MODELS:
-        problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODELS)}")
+    if cfg.model.name not in MODEL_NAMES:
+        problems.append(f"model.name: unknown model {cfg.model.name!r}; known: {sorted(MODEL_NAMES)}")
     data = cfg.data
     if isinstance(data.classes, str) and data.classes not in (*CLASS_LISTS, "dataset"):
         problems.append(f"data.classes: {data.classes!r} is neither {[*CLASS_LISTS, 'dataset']} nor a list of names")
@@ -433,6 +445,89 @@ def _validate(cfg: Config, source: str) -> None:
         problems.append(f"model.dfl_bins: 0 (plain box head) or >= 2, got {cfg.model.dfl_bins}")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def evaluation_config(
+    path: str | os.PathLike | None = None,
+    *,
+    voc_root: str | os.PathLike | None = None,
+    year: str | None = None,
+    image_set: str | None = None,
+    coco_json: str | os.PathLike | None = None,
+    coco_images: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    ignore_classes: Sequence[str] | None = None,
+    metric: str | None = None,
+    reads_images: bool = False,
+) -> Config:
+    """The config of an evaluation (``scripts/evaluate.py``): the file at ``path`` with the test set, the
+    classes and the metric given here on top (None keeps the file's), validated as :func:`load_config`
+    validates.
+
+    Without a file nothing is assumed about the data: VOC data needs ``voc_root``, ``year`` and
+    ``image_set`` and is scored on the 20 VOC classes; COCO data (``coco_json``, or a file's
+    ``data.format: coco``) on the annotation file's categories with the coco metric. ``reads_images``: a
+    model will run on the images, so COCO data needs their folder (``coco_images`` or
+    ``data.coco.test_images``); scoring result files reads the annotations alone.
+    """
+    cfg = load_config(path) if path is not None else Config()
+    data = cfg.data
+    is_coco = coco_json is not None or data.format == "coco"
+    if classes is not None:
+        _set(data, "classes", list(classes), "data.classes")
+    elif path is None:
+        data.classes = "dataset" if is_coco else "voc"
+    if ignore_classes is not None:
+        _set(data, "ignore_classes", list(ignore_classes), "data.ignore_classes")
+    if metric is not None:
+        _set(cfg.eval, "metric", metric, "eval.metric")
+    elif path is None and is_coco:
+        cfg.eval.metric = "coco"
+    if is_coco:
+        _coco_test_set(data, coco_json, coco_images, reads_images)
+    else:
+        _voc_test_set(data, path is not None, voc_root, year, image_set)
+    _validate(cfg, str(path) if path is not None else "evaluation")
+    return cfg
+
+
+def _set(section: Any, name: str, value: Any, key: str) -> None:
+    """``section.name = value``, checked against the field's type as a config file's value is."""
+    setattr(section, name, check_value(value, typing.get_type_hints(type(section))[name], key))
+
+
+def _voc_test_set(
+    data: DataConfig, from_file: bool, voc_root: str | os.PathLike | None, year: str | None, image_set: str | None
+) -> None:
+    """``data``'s VOC test set: ``voc_root`` and ``year``_``image_set`` over a file's (:func:`evaluation_config`)."""
+    if voc_root is not None:
+        data.voc_root = str(voc_root)
+    elif not from_file:
+        raise ConfigError("VOC data needs voc_root (or a config with data.voc_root)")
+    if year and image_set:
+        data.test_sets = f"{year}_{image_set}"
+    elif year or image_set or not from_file:
+        raise ConfigError("give year and image_set (or a config whose data.test_sets names the set)")
+
+
+def _coco_test_set(
+    data: DataConfig, coco_json: str | os.PathLike | None, coco_images: str | os.PathLike | None, reads_images: bool
+) -> None:
+    """``data``'s COCO test set: ``coco_json`` and ``coco_images`` over a file's (:func:`evaluation_config`)."""
+    coco = data.coco
+    data.format = "coco"
+    if coco_json is not None:
+        coco.test_json = str(coco_json)
+    if coco_images is not None:
+        coco.test_images = str(coco_images)
+    if coco.test_json is None:
+        raise ConfigError("COCO data needs coco_json (or a config with data.coco.test_json)")
+    if coco.test_images is None:
+        if reads_images:
+            raise ConfigError("running a model on COCO data needs coco_images (or a config with data.coco.test_images)")
+        coco.test_images = str(Path(coco.test_json).parent)  # not read: the annotations are scored alone
+    if coco.train_json is None:  # an evaluation reads no training set; the test file stands in, categories and all
+        coco.train_json, coco.train_images = coco.test_json, coco.test_images
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -18,8 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from odkd.data.voc import VOC_CLASSES
-from odkd.models import SSD, Preprocessing, build_model
+from odkd.class_names import VOC_CLASSES
+from odkd.models import SSD, build_model
+from odkd.preprocessing import Preprocessing
 
 __all__ = ["SOURCES", "import_checkpoint", "unwrap_state_dict"]
 

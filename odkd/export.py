@@ -4,11 +4,12 @@
 distillation adapters) with its preprocessing and box decoding in the graph, so a runtime feeds plain
 RGB pixels. Two forms:
 
-- ``postprocess=False``: ``images`` (B, 3, S, S) float RGB 0-255 -> ``boxes`` (B, P, 4) x1,y1,x2,y2 in
+- ``postprocess=None``: ``images`` (B, 3, S, S) float RGB 0-255 -> ``boxes`` (B, P, 4) x1,y1,x2,y2 in
   [0, 1] and ``scores`` (B, P, C) class probabilities (column 0 = background); NMS is the runtime's;
-- ``postprocess=True``: the same input -> the detections of :func:`odkd.postprocess.postprocess_flat`
-  (score threshold, per-class top-k, NMS, per-image cap): ``boxes`` (K, 4), ``scores`` (K,),
-  ``labels`` (K,) and ``image_index`` (K,), ordered by image then decreasing score.
+- ``postprocess=`` :class:`~odkd.postprocess.PostprocessSettings`: the same input -> the detections of
+  :func:`odkd.postprocess.postprocess_flat` with those settings (score threshold, per-class top-k, NMS,
+  per-image cap): ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,) and ``image_index`` (K,), ordered by
+  image then decreasing score.
 
 The batch size is dynamic; the image size is the model's. Class names, the number of classes, the input
 size, the precision and the post-processing settings in effect go into the ONNX file's metadata
@@ -33,6 +34,7 @@ from odkd.boxes import decode
 from odkd.files import check_output_path
 from odkd.models import SSD
 from odkd.postprocess import postprocess_flat
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["DeployedDetector", "export_onnx", "onnx_program"]
 
@@ -40,23 +42,23 @@ __all__ = ["DeployedDetector", "export_onnx", "onnx_program"]
 class DeployedDetector(nn.Module):
     """``forward(images (B, 3, S, S) float RGB 0-255)`` -> raw boxes and scores, or final detections."""
 
-    def __init__(self, model: SSD, postprocess: bool = False, **postprocess_kwargs) -> None:
+    def __init__(self, model: SSD, postprocess: PostprocessSettings | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.postprocess = postprocess
-        self.postprocess_kwargs = postprocess_kwargs
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(self.model.normalize(images))
-        if self.postprocess:
-            return tuple(postprocess_flat(out.loc, out.conf, self.model.priors, **self.postprocess_kwargs))
+        if self.postprocess is not None:
+            return tuple(postprocess_flat(out.loc, out.conf, self.model.priors, self.postprocess))
         return decode(out.loc.float(), self.model.priors).clamp(0.0, 1.0), out.conf.float().softmax(dim=-1)
 
 
 def export_onnx(
-    model: SSD, path: str | os.PathLike, postprocess: bool = False, opset: int = 18, **postprocess_kwargs
+    model: SSD, path: str | os.PathLike, postprocess: PostprocessSettings | None = None, opset: int = 18
 ) -> Path:
-    """Write ``model`` as ONNX at ``path`` (see the module docstring); returns the path."""
+    """Write ``model`` as ONNX at ``path``, with ``postprocess`` in the graph or without post-processing
+    (None; see the module docstring); returns the path."""
     try:
         import onnx
     except ImportError as err:
@@ -65,13 +67,12 @@ def export_onnx(
     path = Path(path)
     check_output_path(path, "ONNX output")  # before the export's minute of tracing
     path.parent.mkdir(parents=True, exist_ok=True)
-    deployed = DeployedDetector(copy.deepcopy(model).cpu().float(), postprocess, **postprocess_kwargs).eval()
+    deployed = DeployedDetector(copy.deepcopy(model).cpu().float(), postprocess).eval()
     size = model.image_size
-    outputs = ["boxes", "scores", "labels", "image_index"] if postprocess else ["boxes", "scores"]
+    outputs = ["boxes", "scores", "labels", "image_index"] if postprocess is not None else ["boxes", "scores"]
     program = onnx_program(deployed, {"images": torch.rand(2, 3, size, size) * 255}, outputs, opset)
     program.save(str(path))
     graph = onnx.load(str(path))
-    settings = {**postprocess_flat.__kwdefaults__, **postprocess_kwargs} if postprocess else None
     metadata = {
         "producer": "odkd",
         "arch": model.arch,
@@ -79,7 +80,7 @@ def export_onnx(
         "input": "images: (batch, 3, H, W) float32 RGB pixels 0-255, H = W = image_size",
         "num_classes": str(model.num_classes),
         "class_names": json.dumps(model.label_names),
-        "postprocess": json.dumps(settings),
+        "postprocess": json.dumps(postprocess.to_json() if postprocess is not None else None),
         "precision": "float32",
     }
     for key, value in metadata.items():

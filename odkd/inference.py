@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from odkd.data import DetectionDataset, build_loader, build_transform
-from odkd.eval import ClassDetections
+from odkd.data import DetectionDataset, ImageDetections, build_loader, build_transform
 from odkd.models import SSD
 from odkd.postprocess import Detections, postprocess
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["BatchDetector", "Predictor", "autocast_dtype", "detect", "detect_dataset"]
 
@@ -52,51 +52,42 @@ def detect_dataset(
     batch_size: int = 32,
     num_workers: int = 4,
     progress: bool = True,
-    **postprocess_kwargs,
-) -> dict[str, ClassDetections]:
-    """Detections of ``model`` on every image of ``dataset`` (its transform is replaced by the eval
-    resize), grouped by class in the dataset's pixel coordinates (the VOC devkit's for VOC data), ready for
-    :func:`odkd.eval.evaluate_dataset`.
+    settings: PostprocessSettings | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[int, ImageDetections]:
+    """Dataset index -> :class:`ImageDetections` of ``model`` for every image of ``dataset`` (its transform
+    is replaced by the eval resize), in dataset order, boxes in the dataset's pixel coordinates (the VOC
+    devkit's for VOC data): what :func:`odkd.eval.evaluate_dataset` scores.
 
-    ``model``: an :class:`SSD`, run by a :class:`Predictor` on ``device`` (default CPU) with
-    ``postprocess_kwargs``; or any :class:`BatchDetector` (e.g. an exported file), which brings its own
-    device and post-processing settings."""
+    ``model``: an :class:`SSD`, run by a :class:`Predictor` on ``device`` (default CPU) with ``settings``
+    (default :class:`PostprocessSettings`); or any :class:`BatchDetector` (e.g. an exported file), which
+    brings its own device and post-processing settings. ``rank``, ``world_size``: only this process's
+    share of a sharded evaluation, every ``world_size``-th image from the ``rank``-th."""
     if isinstance(model, SSD):
-        model = Predictor(model, device or torch.device("cpu"), **postprocess_kwargs)
-    elif postprocess_kwargs or device is not None:
+        model = Predictor(model, device or torch.device("cpu"), settings or PostprocessSettings())
+    elif settings is not None or device is not None:
         raise ValueError("device and post-processing settings are an SSD's; a BatchDetector holds its own")
     dataset = copy.copy(dataset)  # same annotations, the eval transform
     dataset.transform = build_transform(False, model.image_size)
-    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
-    per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
-    for index, det in detect(model, loader, progress):
-        image_id = dataset.annotations[index].image_id
-        boxes = dataset.to_pixels(det.boxes, index)
-        scores, labels = det.scores.numpy(), det.labels.numpy()
-        for label in np.unique(labels):
-            keep = labels == label
-            per_class[int(label)].append((image_id, scores[keep], boxes[keep]))
-    result = {}
-    for label, parts in per_class.items():
-        ids = np.array([image_id for image_id, scores, _ in parts for _ in range(len(scores))], dtype=str)
-        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0)
-        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4))
-        result[dataset.class_names[label - 1]] = ClassDetections(
-            ids, scores.astype(np.float64), boxes.astype(np.float64)
-        )
-    return result
+    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, rank=rank, world_size=world_size)
+    return {
+        index: ImageDetections(dataset.to_pixels(det.boxes, index), det.scores.numpy(), det.labels.numpy())
+        for index, det in detect(model, loader, progress)
+    }
 
 
 class Predictor:
     """``predictor(image (H, W, 3) uint8 RGB) -> Detections`` with boxes in pixels of that image.
 
     The image goes through the evaluation transform (resize to the model's input), so single images are
-    preprocessed exactly as :func:`detect_dataset` preprocesses a test set. ``postprocess_kwargs`` as
-    :func:`odkd.postprocess.postprocess` (score threshold, NMS threshold, ...). :meth:`detect_batch`
-    runs already resized uint8 batches (what :func:`detect` does with a loader's).
+    preprocessed exactly as :func:`detect_dataset` preprocesses a test set. ``settings``: score threshold,
+    NMS threshold, ... (:class:`odkd.postprocess.PostprocessSettings`). :meth:`detect_batch` runs already
+    resized uint8 batches (what :func:`detect` does with a loader's).
     """
 
-    def __init__(self, model: SSD, device: torch.device, **postprocess_kwargs) -> None:
+    def __init__(self, model: SSD, device: torch.device, settings: PostprocessSettings = PostprocessSettings()) -> None:
         self.model = model.eval().to(device)
         self.image_size = model.image_size
         self.device, self.dtype = device, autocast_dtype(device)
@@ -104,7 +95,7 @@ class Predictor:
         # weights would change the layout of a model being trained (the trainer evaluates its own).
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         self.transform = build_transform(False, model.image_size)
-        self.postprocess_kwargs = postprocess_kwargs
+        self.settings = settings
 
     def detect_batch(self, images: torch.Tensor, on_cpu: bool = False) -> list[Detections]:
         """``images`` (B, 3, S, S) uint8 RGB at the model's input size -> one Detections per image, boxes
@@ -112,7 +103,7 @@ class Predictor:
         images = self.model.normalize(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             out = self.model(images)
-            return postprocess(out.loc, out.conf, self.model.priors, on_cpu=on_cpu, **self.postprocess_kwargs)
+            return postprocess(out.loc, out.conf, self.model.priors, self.settings, on_cpu=on_cpu)
 
     def __call__(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]

@@ -21,7 +21,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
-from odkd.boxes import DEFAULT_VARIANCES, cxcywh_to_xyxy, decode, encode, xyxy_to_cxcywh
+from odkd.boxes import cxcywh_to_xyxy, decode, encode, xyxy_to_cxcywh
+from odkd.postprocess_settings import DEFAULT_VARIANCES
 
 __all__ = [
     "box_iou",

@@ -1,4 +1,5 @@
-"""From raw head outputs to detections: decode, softmax, threshold, top-k, NMS, cap."""
+"""From raw head outputs to detections: decode, softmax, threshold, top-k, NMS, cap (their settings:
+:class:`odkd.postprocess_settings.PostprocessSettings`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import NamedTuple
 import torch
 from torchvision.ops import batched_nms
 
-from odkd.boxes import DEFAULT_VARIANCES, decode
+from odkd.boxes import decode
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = [
     "Detections",
@@ -42,13 +44,7 @@ def postprocess_flat(
     loc: torch.Tensor,
     conf: torch.Tensor,
     priors: torch.Tensor,
-    *,
-    score_threshold: float = 0.01,
-    top_k: int = 200,
-    nms_threshold: float = 0.45,
-    max_detections: int = 200,
-    variances: tuple[float, float] = DEFAULT_VARIANCES,
-    clip: bool = True,
+    settings: PostprocessSettings = PostprocessSettings(),
 ) -> FlatDetections:
     """The detections of a batch as :class:`FlatDetections` (arguments as :func:`postprocess`): decode and
     softmax, then :func:`select_detections`.
@@ -61,45 +57,36 @@ def postprocess_flat(
             f"expected loc (B, P, 4), conf (B, P, C >= 2) and priors (P, 4), got {tuple(loc.shape)}, "
             f"{tuple(conf.shape)} and {tuple(priors.shape)}"
         )
-    boxes = decode(loc.float(), priors.to(loc.device), variances)  # (B, P, 4)
-    if clip:
+    boxes = decode(loc.float(), priors.to(loc.device), settings.variances)  # (B, P, 4)
+    if settings.clip:
         boxes = boxes.clamp(0.0, 1.0)
-    return select_detections(
-        boxes,
-        conf.float().softmax(dim=-1),
-        score_threshold=score_threshold,
-        top_k=top_k,
-        nms_threshold=nms_threshold,
-        max_detections=max_detections,
-    )
+    return select_detections(boxes, conf.float().softmax(dim=-1), settings)
 
 
 def select_detections(
     boxes: torch.Tensor,
     scores: torch.Tensor,
-    *,
-    score_threshold: float = 0.01,
-    top_k: int = 200,
-    nms_threshold: float = 0.45,
-    max_detections: int = 200,
+    settings: PostprocessSettings = PostprocessSettings(),
 ) -> FlatDetections:
-    """Score threshold, per-class top-k, NMS and the per-image cap (as :func:`postprocess`) on decoded
-    ``boxes`` ``(B, P, 4)`` x1,y1,x2,y2 and class probabilities ``scores`` ``(B, P, C)`` (column 0 =
-    background, ignored): what an exported model without post-processing returns."""
+    """Score threshold, per-class top-k, NMS and the per-image cap of ``settings`` (its box coding is not
+    used) on decoded ``boxes`` ``(B, P, 4)`` x1,y1,x2,y2 and class probabilities ``scores`` ``(B, P, C)``
+    (column 0 = background, ignored): what an exported model without post-processing returns."""
     batch, num_priors, num_classes = scores.shape
     scores = scores[..., 1:].transpose(1, 2)  # (B, C-1, P)
 
     # Per image and class, the top-k priors by score: one row of candidates per (image, class). Equal
     # scores (common in untrained models) go by prior index, lower first: a stable sort, where topk leaves
     # their order, and so which of them make the cut, unspecified; ONNX's TopK breaks ties this way.
-    k = min(top_k, num_priors)
+    k = min(settings.top_k, num_priors)
     top_scores, top_prior = (t[..., :k] for t in scores.sort(dim=2, descending=True, stable=True))  # (B, C-1, k)
     cand_boxes = boxes.gather(1, top_prior.reshape(batch, -1, 1).expand(-1, -1, 4)).reshape(-1, 4)
     cand_scores = top_scores.reshape(-1)
     class_ids = torch.arange(1, num_classes, device=scores.device)
     cand_labels = class_ids.repeat_interleave(k).repeat(batch)
     cand_images = torch.arange(batch, device=scores.device).repeat_interleave((num_classes - 1) * k)
-    kept = nms_rows(cand_boxes.reshape(-1, k, 4), top_scores.reshape(-1, k), nms_threshold, score_threshold)
+    kept = nms_rows(
+        cand_boxes.reshape(-1, k, 4), top_scores.reshape(-1, k), settings.nms_threshold, settings.score_threshold
+    )
 
     # By decreasing score, equal scores in candidate order (class, then rank: which ones the cap keeps),
     # then by (image, position): grouped by image, by decreasing score within each. Sorting the candidate
@@ -112,7 +99,7 @@ def select_detections(
     counts = images.new_zeros(batch).scatter_add(0, images, torch.ones_like(images))  # bincount, exportable
     first_of_image = counts.cumsum(0) - counts
     rank_in_image = position - first_of_image[images]
-    kept = kept[rank_in_image < max_detections]
+    kept = kept[rank_in_image < settings.max_detections]
     return FlatDetections(cand_boxes[kept], cand_scores[kept], cand_labels[kept], cand_images[kept])
 
 
@@ -159,26 +146,21 @@ def postprocess(
     loc: torch.Tensor,
     conf: torch.Tensor,
     priors: torch.Tensor,
+    settings: PostprocessSettings = PostprocessSettings(),
     on_cpu: bool = False,
-    **kwargs,
 ) -> list[Detections]:
     """Detections of a batch, one :class:`Detections` per image.
 
     Args:
         loc: ``(B, P, 4)`` box regressions; conf: ``(B, P, C)`` raw logits (class 0 = background);
             priors: ``(P, 4)`` cx,cy,w,h.
-        score_threshold: keep (prior, class) pairs whose probability is strictly above it (0.01).
-        top_k: at most this many candidates per class per image enter NMS (200); of equal scores, the
-            lower prior index first (here, in NMS and for the cap: what ONNX Runtime does in an export).
-        nms_threshold: IoU above which a lower-scoring box of the same class and image is dropped (0.45).
-        max_detections: at most this many detections per image, the highest scores (200).
-        variances: the box coder's; clip: clip boxes to the image before NMS (True).
+        settings: thresholds, top-k, cap and box coding (:class:`PostprocessSettings`).
         on_cpu: return the detections on the CPU (three copies per batch rather than three per image).
 
     The whole batch is processed at once (:func:`postprocess_flat`); the only per-image step is
     splitting the final result.
     """
-    flat = postprocess_flat(loc, conf, priors, **kwargs)
+    flat = postprocess_flat(loc, conf, priors, settings)
     if on_cpu:
         flat = FlatDetections(*(t.cpu() for t in flat))
     return split_by_image(flat, conf.shape[0])

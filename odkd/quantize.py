@@ -5,8 +5,8 @@ BatchNorm folded into the convolutions) and ``quantize_static`` in QDQ form: wei
 output channel, activations uint8 asymmetric per tensor, their ranges the MinMax of
 :class:`CalibrationImages` run through the float graph. Only the convolutional network is quantised:
 every Conv and everything that feeds one. What follows the last convolutions (flattening, box decoding,
-softmax and, with ``postprocess=True``, threshold / top-k / NMS) stays float: scores in uint8 steps would
-tie many detections, and NMS indices are not values to quantise.
+softmax and, with post-processing in the graph, threshold / top-k / NMS) stays float: scores in uint8
+steps would tie many detections, and NMS indices are not values to quantise.
 
 Two choices, both measured on the CPU demo student (docs/BENCHMARKS.md, "INT8"):
 
@@ -40,6 +40,7 @@ from odkd.export import export_onnx
 from odkd.files import check_output_path
 from odkd.models import SSD
 from odkd.postprocess import Detections
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
@@ -264,15 +265,14 @@ def export_int8(
     model: SSD,
     path: str | os.PathLike,
     calibration: CalibrationImages,
-    postprocess: bool = False,
+    postprocess: PostprocessSettings | None = None,
     opset: int = 18,
     float_heads: bool = DEFAULT_FLOAT_HEADS,
     reduce_range: bool = True,
-    **postprocess_kwargs,
 ) -> Path:
     """:func:`odkd.export.export_onnx` (same arguments, same graph interface) quantised by
     :func:`quantize_onnx`; returns the path."""
     check_output_path(path, "ONNX output")  # before the float export and the calibration
     with tempfile.TemporaryDirectory() as folder:
-        float_path = export_onnx(model, Path(folder) / "float.onnx", postprocess, opset, **postprocess_kwargs)
+        float_path = export_onnx(model, Path(folder) / "float.onnx", postprocess, opset)
         return quantize_onnx(float_path, path, calibration, float_heads, reduce_range)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from odkd.postprocess import Detections, FlatDetections, select_detections, split_by_image
+from odkd.postprocess_settings import PostprocessSettings
 
 __all__ = ["OnnxDetector"]
 
@@ -26,16 +27,22 @@ class OnnxDetector:
     Args:
         path: an ``.onnx`` file written by ``scripts/export_onnx.py``.
         threads: onnxruntime's intra-op threads (None: its default, all cores).
-        postprocess_kwargs: score threshold, top-k, NMS threshold, per-image cap
+        settings: score threshold, top-k, NMS threshold, per-image cap
             (:func:`odkd.postprocess.select_detections`) for a file without NMS in the graph. A file with
             it applies the settings it was exported with, the ones that ship, and ignores these.
 
     Attributes: ``image_size`` (S), ``num_classes`` (with background), ``class_names`` (or None),
     ``precision`` ("float32" or "int8"), ``in_graph`` (whether NMS is in the graph), ``settings`` (the
-    post-processing settings in effect), ``metadata`` (every metadata key of the file), ``session``.
+    :class:`~odkd.postprocess.PostprocessSettings` in effect; None for a file with NMS that does not record
+    them), ``metadata`` (every metadata key of the file), ``session``.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, **postprocess_kwargs) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        settings: PostprocessSettings = PostprocessSettings(),
+    ) -> None:
         import onnxruntime
 
         path = Path(path)
@@ -65,7 +72,10 @@ class OnnxDetector:
         self.num_classes = self._num_classes(path)
         self.precision = self.metadata.get("precision", "float32")  # files from before INT8 were float
         self.in_graph = len(outputs) == 4
-        self.settings = json.loads(self.metadata.get("postprocess", "null")) if self.in_graph else postprocess_kwargs
+        self.settings = settings
+        if self.in_graph:
+            recorded = json.loads(self.metadata.get("postprocess", "null"))
+            self.settings = PostprocessSettings.from_json(recorded) if recorded is not None else None
 
     def _num_classes(self, path: Path) -> int:
         """Classes with background: the metadata's, else the raw scores' last dimension, else the names'."""
@@ -86,5 +96,5 @@ class OnnxDetector:
         """``images`` (B, 3, S, S) uint8 (or float) RGB at the model's input size -> one Detections per
         image, boxes x1,y1,x2,y2 relative to the image, on the CPU (``on_cpu`` is for the protocol)."""
         outputs = [torch.from_numpy(o) for o in self.run(images.cpu().float().numpy())]
-        flat = FlatDetections(*outputs) if self.in_graph else select_detections(*outputs, **self.settings)
+        flat = FlatDetections(*outputs) if self.in_graph else select_detections(*outputs, self.settings)
         return split_by_image(flat, images.shape[0])

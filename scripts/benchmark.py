@@ -98,7 +98,7 @@ def print_eval(args: argparse.Namespace) -> None:
         return print_eval_model(args)
     from odkd.bench.evaluation import time_ap
     from odkd.bench.synthetic import synthetic_voc_detections
-    from odkd.data.voc import VOC_CLASSES
+    from odkd.class_names import VOC_CLASSES
 
     annotations, detections = synthetic_voc_detections(args.images, args.detections, args.seed)
     num_gt = sum(len(a.labels) for a in annotations)

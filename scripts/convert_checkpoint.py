@@ -10,24 +10,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from odkd.checkpoint import ModelFileError, read_torch_file, save_model
-from odkd.convert import SOURCES, import_checkpoint
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES))
+    parser.add_argument("--source", required=True, help="the publisher's format: qfgaohao or ssd.pytorch")
     parser.add_argument("--input", required=True, type=Path, help="the published .pth file")
     parser.add_argument("--output", required=True, type=Path, help="the odkd model file to write")
     args = parser.parse_args()
+
+    from odkd.checkpoint import load_model, save_model
+    from odkd.convert import SOURCES
+
+    if args.source not in SOURCES:
+        parser.error(f"argument --source: invalid choice: {args.source!r} (choose from {', '.join(sorted(SOURCES))})")
     try:
-        state = read_torch_file(args.input)
-    except (FileNotFoundError, ModelFileError) as err:
+        model = load_model(args.input, args.source)
+    except (FileNotFoundError, ValueError) as err:  # ModelFileError is a ValueError
         sys.exit(f"error: {err}")
-    try:
-        model = import_checkpoint(state, args.source)
-    except Exception as err:
-        sys.exit(f"error: {args.input}: {err}")
     save_model(model, args.output)
     params = sum(p.numel() for p in model.parameters())
     print(

@@ -16,17 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from odkd.checkpoint import load_model
-from odkd.data import VOC_CLASSES, DatasetError
-from odkd.data.voc import read_image
-from odkd.device import select_device
-from odkd.files import check_output_path
-from odkd.inference import Predictor
-from odkd.visualize import draw_detections, write_image
+if TYPE_CHECKING:  # the rest after the arguments are read: --help answers without loading torch
+    from odkd.inference import Predictor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -47,6 +43,8 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 def video_frames(path: Path) -> Iterator[np.ndarray]:
     """The frames of a video as (H, W, 3) uint8 RGB."""
+    from odkd.data.dataset import DatasetError
+
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise DatasetError(f"{path}: not a readable video")
@@ -64,6 +62,8 @@ def annotate(predictor: Predictor, image: np.ndarray, names: list[str], min_scor
     """``image`` with its detections drawn, the detections shown (label, score), and the milliseconds the
     prediction took (preprocessing, forward, post-processing; the results reach the CPU, so the device has
     finished)."""
+    from odkd.visualize import draw_detections
+
     start = time.perf_counter()
     det = predictor(image)
     ms = 1000 * (time.perf_counter() - start)
@@ -101,6 +101,16 @@ def main() -> None:
     parser.add_argument("--classes", help="class names: 'voc' or comma-separated (default: from the model file)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = parser.parse_args()
+
+    from odkd.checkpoint import load_model
+    from odkd.class_names import VOC_CLASSES
+    from odkd.data.dataset import DatasetError, read_image
+    from odkd.device import select_device
+    from odkd.files import check_output_path
+    from odkd.inference import Predictor
+    from odkd.postprocess_settings import PostprocessSettings
+    from odkd.visualize import write_image
+
     try:
         check_output_path(args.output, "--output", folder=True)
         device = select_device(args.device)
@@ -111,7 +121,8 @@ def main() -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     names = model.label_names
-    predictor = Predictor(model, device, score_threshold=args.min_score)  # only what is drawn goes through NMS
+    # only what is drawn goes through NMS
+    predictor = Predictor(model, device, PostprocessSettings(score_threshold=args.min_score))
     args.output.mkdir(parents=True, exist_ok=True)
     latencies = []
     for path in files:

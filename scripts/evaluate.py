@@ -32,16 +32,18 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from odkd.data import VOCDataset
-from odkd.data.voc import VOC_CLASSES, parse_image_sets
+# Torch-free: --help answers without loading torch; what needs it is imported where it is used.
+from odkd.config import Config, evaluation_config
 from odkd.eval import (
     METRICS,
-    ClassDetections,
     COCOResult,
     VOCResult,
-    evaluate_dataset,
+    devkit_image_set,
+    evaluate_results,
     format_result,
+    group_by_class,
     read_coco_results,
     read_devkit_results,
     write_coco_results,
@@ -49,23 +51,20 @@ from odkd.eval import (
 )
 from odkd.files import check_output_path
 
+if TYPE_CHECKING:
+    from odkd.data import DetectionDataset, ImageDetections
 
-def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
+
+def run_model(args: argparse.Namespace, cfg: Config, dataset: DetectionDataset) -> dict[int, ImageDetections]:
     """The detections of ``--checkpoint`` (batched, bf16 on CUDA) or ``--onnx`` (onnxruntime, CPU) on
-    ``dataset``, grouped by class in the dataset's pixels; optionally a grid of images with their detections."""
+    each image of ``dataset``, in the dataset's pixels; optionally a grid of images with their detections."""
     from odkd.inference import detect_dataset
 
-    eval_cfg = args.eval_cfg
-    settings = {
-        "score_threshold": eval_cfg.score_threshold,
-        "nms_threshold": eval_cfg.nms_threshold,
-        "top_k": eval_cfg.top_k,
-        "max_detections": eval_cfg.max_detections,
-    }
+    settings = cfg.eval.postprocess
     if args.onnx is not None:
         from odkd.runtime import OnnxDetector
 
-        model, settings, device = OnnxDetector(args.onnx, **settings), {}, None
+        model, settings, device = OnnxDetector(args.onnx, settings=settings), None, None
         where = "in the graph" if model.in_graph else "odkd's (the graph has none)"
         print(f"{args.onnx}: {model.precision}, onnxruntime on the CPU; post-processing {where}: {model.settings}")
     else:
@@ -78,34 +77,26 @@ def run_model(args: argparse.Namespace, dataset) -> dict[str, ClassDetections]:
             f"{len(dataset.class_names)}: pass --classes (or --config) with the classes it was trained on"
         )
     detections = detect_dataset(
-        model, dataset, device, batch_size=eval_cfg.batch_size, num_workers=args.workers, **settings
+        model, dataset, device, batch_size=cfg.eval.batch_size, num_workers=args.workers, settings=settings
     )
     if args.draw:
         draw_grid(dataset, detections, args)
     return detections
 
 
-def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Namespace) -> None:
+def draw_grid(dataset: DetectionDataset, detections: dict[int, ImageDetections], args: argparse.Namespace) -> None:
     """The first ``--draw`` images of the set with their detections above ``--draw-threshold``."""
-    import numpy as np
-
     from odkd.visualize import draw_detections, image_grid, write_image
 
     pictures = []
     for index in range(min(args.draw, len(dataset))):
-        image_id = dataset.annotations[index].image_id
-        boxes, labels, scores = [], [], []
-        for label, name in enumerate(dataset.class_names, start=1):
-            mine = detections[name].image_ids == image_id
-            boxes.append(detections[name].boxes[mine] - dataset.pixel_offset)  # -> 0-based corners
-            labels += [label] * int(mine.sum())
-            scores.append(detections[name].scores[mine])
+        boxes, scores, labels = detections[index]
         pictures.append(
             draw_detections(
                 dataset[index]["image"],
-                np.concatenate(boxes),
-                labels,
-                np.concatenate(scores).tolist(),
+                boxes - dataset.pixel_offset,  # -> 0-based corners
+                labels.tolist(),
+                scores.tolist(),
                 dataset.class_names,
                 args.draw_threshold,
             )
@@ -113,6 +104,28 @@ def draw_grid(dataset, detections: dict[str, ClassDetections], args: argparse.Na
     out = args.draw_output or Path(args.detections).with_suffix("") / "detections.jpg"
     write_image(out, image_grid(pictures))
     print(f"wrote {out}")
+
+
+def evaluate(args: argparse.Namespace, cfg: Config) -> VOCResult | COCOResult:
+    """Run the model and write its result files (with --checkpoint or --onnx), then score the result files:
+    devkit files in a folder (VOC data) or a COCO results file."""
+    from odkd.engine.build import build_test_set
+
+    coco = cfg.data.format == "coco"
+    dataset = build_test_set(cfg, reads_images=args.model_file is not None)
+    image_set = None if coco else devkit_image_set(cfg.data.test_sets)
+    if args.model_file is not None:
+        per_class = group_by_class(run_model(args, cfg, dataset), dataset)
+        if coco:
+            print(f"wrote {write_coco_results(per_class, dataset, args.detections)}")
+        else:
+            paths = write_devkit_results(args.detections, image_set, dataset.class_names, per_class)
+            print(f"wrote {len(paths)} result files to {args.detections}")
+    if coco:
+        detections = read_coco_results(args.detections, dataset)
+    else:
+        detections = read_devkit_results(args.detections, image_set, dataset.class_names)
+    return evaluate_results(detections, dataset, cfg.eval.metric)
 
 
 def report(result: VOCResult | COCOResult, output_json: Path | None, pr_curves: Path | None = None) -> None:
@@ -129,6 +142,11 @@ def report(result: VOCResult | COCOResult, output_json: Path | None, pr_curves: 
         from odkd.visualize import plot_pr_curves
 
         print(f"wrote {plot_pr_curves(result.recall, result.precision, result.ap, pr_curves)}")
+
+
+def names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names ("" none, None stays None)."""
+    return None if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -162,28 +180,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="--checkpoint's (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=4, help="data loader workers in model mode")
     args = parser.parse_args(argv)
-
-    from odkd.config import EvalConfig, load_config
-
-    cfg = load_config(args.config) if args.config else None
-    args.eval_cfg = cfg.eval if cfg else EvalConfig()
-    args.coco = args.coco_json is not None or (cfg is not None and cfg.data.format == "coco")
-    if args.classes:
-        args.class_names = tuple(name.strip() for name in args.classes.split(","))
-    else:
-        args.class_names = cfg.class_names if cfg else (None if args.coco else VOC_CLASSES)
-    if args.ignore_classes is not None:
-        args.ignore_classes = tuple(name.strip() for name in args.ignore_classes.split(",") if name.strip())
-    elif cfg is not None:
-        args.ignore_classes = cfg.data.ignore_classes
     if args.checkpoint is not None and args.onnx is not None:
         parser.error("give one model: --checkpoint (PyTorch) or --onnx (an exported file)")
     if args.onnx is not None and args.device is not None:
         parser.error("--device is for --checkpoint: an --onnx file runs on onnxruntime's CPU provider")
-    if args.checkpoint is not None:  # a CUDA device that is not there is said now, not after reading the data
-        from odkd.device import select_device
-
-        args.device = select_device(args.device)
     args.model_file = args.checkpoint or args.onnx
     if args.model_file is None and (args.detections is None or args.draw):
         parser.error(
@@ -191,86 +191,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.workers < 0 or args.draw < 0:
         parser.error(f"--workers and --draw count from 0, got {args.workers} and {args.draw}")
-    args = _coco_args(parser, args, cfg) if args.coco else _voc_args(parser, args, cfg)
-    # Where the results go, checked before the model runs over the set.
-    outputs = {"--output-json": args.output_json, "--pr-curves": args.pr_curves, "--draw-output": args.draw_output}
-    for what, path in outputs.items():
-        if path is not None:
-            check_output_path(path, what)
-    if args.model_file is not None:  # model mode writes the detections: devkit files into a folder, or a COCO file
-        check_output_path(args.detections, "--detections", folder=not args.coco)
     return args
-
-
-def _voc_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
-    args.metric = args.metric or args.eval_cfg.metric
-    if args.metric == "coco":
-        parser.error("--metric coco scores COCO-format data: give --coco-json")
-    args.voc_root = args.voc_root or (Path(cfg.data.voc_root) if cfg else None)
-    if args.year and args.image_set:
-        args.image_sets = f"{args.year}_{args.image_set}"
-    elif cfg is not None and not (args.year or args.image_set):
-        args.image_sets = cfg.data.test_sets
-    else:
-        parser.error("give --year and --image-set (or a --config whose data.test_sets names the set)")
-    if args.voc_root is None:
-        parser.error("give --voc-root (or a --config with data.voc_root)")
-    sets = parse_image_sets(args.image_sets)
-    args.set_name = sets[0][1] if len(sets) == 1 else args.image_sets
-    if args.detections is None:
-        args.detections = args.model_file.parent / f"results_{args.model_file.stem}"
-    return args
-
-
-def _coco_args(parser: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> argparse.Namespace:
-    args.metric = args.metric or (cfg.eval.metric if cfg is not None else "coco")  # as training scored it
-    coco = cfg.data.coco if cfg is not None else None
-    args.coco_json = args.coco_json or (Path(coco.test_json) if coco and coco.test_json else None)
-    args.coco_images = args.coco_images or (Path(coco.test_images) if coco and coco.test_images else None)
-    if args.ignore_classes:
-        parser.error("--ignore-classes is for VOC data (COCO leaves out the categories outside --classes)")
-    if args.coco_json is None:
-        parser.error("COCO mode needs --coco-json (or a --config with data.coco.test_json)")
-    if args.model_file is not None and args.coco_images is None:
-        parser.error("running a model on COCO data needs --coco-images (or data.coco.test_images)")
-    if args.detections is None:
-        args.detections = args.model_file.parent / f"results_{args.model_file.stem}.json"
-    return args
-
-
-def evaluate_voc_data(args: argparse.Namespace) -> VOCResult:
-    """VOC mode: run the model and write the devkit result files (with --checkpoint or --onnx), then score them."""
-    # Scoring result files needs the annotations only: the images are checked when a model will read them.
-    dataset = VOCDataset(
-        args.voc_root,
-        args.image_sets,
-        args.class_names,
-        ignore_classes=args.ignore_classes,
-        check_headers=args.model_file is not None,
-    )
-    if args.model_file is not None:
-        paths = write_devkit_results(args.detections, args.set_name, args.class_names, run_model(args, dataset))
-        print(f"wrote {len(paths)} result files to {args.detections}")
-    detections = read_devkit_results(args.detections, args.set_name, args.class_names)
-    return evaluate_dataset(detections, dataset, args.metric)
-
-
-def evaluate_coco_data(args: argparse.Namespace) -> VOCResult | COCOResult:
-    """COCO mode: run the model and write its results file (with --checkpoint or --onnx), then score the
-    results file."""
-    from odkd.data.coco import COCODataset
-
-    images = args.coco_images or args.coco_json.parent
-    dataset = COCODataset(args.coco_json, images, args.class_names, check_headers=args.model_file is not None)
-    if args.model_file is not None:
-        print(f"wrote {write_coco_results(run_model(args, dataset), dataset, args.detections)}")
-    return evaluate_dataset(read_coco_results(args.detections, dataset), dataset, args.metric)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
-        args = parse_args(argv)
-        result = evaluate_coco_data(args) if args.coco else evaluate_voc_data(args)
+        cfg = evaluation_config(
+            args.config,
+            voc_root=args.voc_root,
+            year=args.year,
+            image_set=args.image_set,
+            coco_json=args.coco_json,
+            coco_images=args.coco_images,
+            classes=names(args.classes) if args.classes else None,  # "" as not given
+            ignore_classes=names(args.ignore_classes),
+            metric=args.metric,
+            reads_images=args.model_file is not None,
+        )
+        if args.checkpoint is not None:  # a CUDA device that is not there is said now, not after reading the data
+            from odkd.device import select_device
+
+            args.device = select_device(args.device)
+        coco = cfg.data.format == "coco"
+        if args.detections is None:  # model mode writes the detections: devkit files into a folder, or a COCO file
+            args.detections = args.model_file.parent / f"results_{args.model_file.stem}{'.json' if coco else ''}"
+        # Where the results go, checked before the model runs over the set.
+        outputs = {"--output-json": args.output_json, "--pr-curves": args.pr_curves, "--draw-output": args.draw_output}
+        for what, path in outputs.items():
+            if path is not None:
+                check_output_path(path, what)
+        if args.model_file is not None:
+            check_output_path(args.detections, "--detections", folder=not coco)
+        result = evaluate(args, cfg)
     except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
     report(result, args.output_json, args.pr_curves)

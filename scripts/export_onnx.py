@@ -35,31 +35,26 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from odkd.checkpoint import load_model
-from odkd.export import DeployedDetector, export_onnx
-from odkd.files import check_output_path
-from odkd.inference import Predictor
-from odkd.models import SSD
-from odkd.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_FLOAT_HEADS,
-    CalibrationImages,
-    export_int8,
-    matched_detections,
-)
-from odkd.runtime import OnnxDetector
+from odkd.postprocess_settings import PostprocessSettings
+
+if TYPE_CHECKING:  # the rest after the arguments are read: --help answers without loading torch
+    from odkd.models import SSD
+    from odkd.quantize import CalibrationImages
 
 
-def check(path: Path, model: SSD, settings: dict, batch: int = 2) -> str:
+def check(path: Path, model: SSD, settings: PostprocessSettings | None, batch: int = 2) -> str:
     """onnxruntime against PyTorch on random images: the network's boxes and scores exactly (through a raw
-    export next to ``path`` when ``path`` holds the post-processing), and with post-processing, how many
+    export next to ``path`` when ``path`` holds the post-processing ``settings``), and then how many
     detections agree: all of them, equal scores included (both take the lower prior index first), unless
     an IoU lies within float32 rounding of the NMS threshold (:func:`odkd.postprocess.nms_rows`)."""
     import onnxruntime
+    import torch
+
+    from odkd.export import DeployedDetector, export_onnx
 
     def run(onnx_path: Path) -> list[np.ndarray]:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -68,16 +63,16 @@ def check(path: Path, model: SSD, settings: dict, batch: int = 2) -> str:
     size = model.image_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
     with tempfile.TemporaryDirectory() as folder:
-        raw = path if not settings else export_onnx(model, Path(folder) / "raw.onnx")
+        raw = path if settings is None else export_onnx(model, Path(folder) / "raw.onnx")
         got = run(raw)
     with torch.no_grad():
         expected = [t.numpy() for t in DeployedDetector(model)(images)]
     difference = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
     report = f"network boxes and scores differ by at most {difference:.2e}"
-    if settings:
+    if settings is not None:
         got = run(path)
         with torch.no_grad():
-            expected = [t.numpy() for t in DeployedDetector(model, True, **settings)(images)]
+            expected = [t.numpy() for t in DeployedDetector(model, settings)(images)]
         same = _same_detections(got, expected)
         report += f"; {same} of {len(expected[1])} PyTorch detections identical in onnxruntime ({len(got[1])})"
     return report
@@ -100,17 +95,29 @@ def _same_detections(got: list[np.ndarray], expected: list[np.ndarray]) -> int:
     return same
 
 
-def check_int8(path: Path, model: SSD, calibration: CalibrationImages, settings: dict, count: int = 8) -> str:
+def check_int8(
+    path: Path, model: SSD, calibration: CalibrationImages, settings: PostprocessSettings | None, count: int = 8
+) -> str:
     """The INT8 file's detections against PyTorch's float ones on the first ``count`` calibration images:
-    how many confident float detections (score >= 0.5) the file also finds (same class, IoU >= 0.5)."""
+    how many confident float detections (score >= 0.5) the file also finds (same class, IoU >= 0.5), both
+    post-processed with ``settings`` (default: :class:`PostprocessSettings`)."""
+    import torch
+
+    from odkd.inference import Predictor
+    from odkd.quantize import matched_detections
+    from odkd.runtime import OnnxDetector
+
     images = torch.stack([calibration[i] for i in range(min(count, len(calibration)))])
-    expected = Predictor(model, torch.device("cpu"), **settings).detect_batch(images, on_cpu=True)
-    got = OnnxDetector(path, **settings).detect_batch(images)
+    settings = settings or PostprocessSettings()
+    expected = Predictor(model, torch.device("cpu"), settings).detect_batch(images, on_cpu=True)
+    got = OnnxDetector(path, settings=settings).detect_batch(images)
     found, total = matched_detections(expected, got, min_score=0.5, min_iou=0.5)
     return f"{found} of {total} float detections with score >= 0.5 on {len(images)} calibration images found"
 
 
 def calibration_images(args: argparse.Namespace, image_size: int) -> CalibrationImages:
+    from odkd.quantize import CalibrationImages
+
     if args.calibration_config is not None:
         return CalibrationImages.from_config(args.calibration_config, args.calibration, image_size)
     return CalibrationImages.from_folder(args.calibration_images, args.calibration, image_size)
@@ -121,24 +128,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="odkd model file or training checkpoint")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--with-postprocess", action="store_true", help="threshold, top-k and NMS in the graph")
-    parser.add_argument("--score-threshold", type=float, default=0.01)
-    parser.add_argument("--nms-threshold", type=float, default=0.45)
-    parser.add_argument("--top-k", type=int, default=200, help="candidates per class and image before NMS")
-    parser.add_argument("--max-detections", type=int, default=200, help="per image")
+    defaults = PostprocessSettings()
+    parser.add_argument("--score-threshold", type=float, default=defaults.score_threshold)
+    parser.add_argument("--nms-threshold", type=float, default=defaults.nms_threshold)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates per class and image before NMS")
+    parser.add_argument("--max-detections", type=int, default=defaults.max_detections, help="per image")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     parser.add_argument("--int8", action="store_true", help="INT8 static quantisation (onnxruntime, QDQ)")
-    parser.add_argument("--calibration", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="--int8: images used")
+    parser.add_argument("--calibration", type=int, help="--int8: images used (default: 300)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--calibration-config", type=Path, help="--int8: calibrate on this config's training set")
     source.add_argument("--calibration-images", type=Path, help="--int8: calibrate on the images in this folder")
     parser.add_argument(
         "--float-heads",
         action=argparse.BooleanOptionalAction,
-        default=DEFAULT_FLOAT_HEADS,
-        help="--int8: keep the heads' last convolutions (box regressions, class logits) float",
+        help="--int8: keep the heads' last convolutions (box regressions, class logits) float (default: no)",
     )
     args = parser.parse_args(argv)
+
+    from odkd.checkpoint import load_model
+    from odkd.export import export_onnx
+    from odkd.files import check_output_path
+    from odkd.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_FLOAT_HEADS, export_int8
+
+    args.calibration = DEFAULT_CALIBRATION_IMAGES if args.calibration is None else args.calibration
+    args.float_heads = DEFAULT_FLOAT_HEADS if args.float_heads is None else args.float_heads
     calibrating = args.calibration_config is not None or args.calibration_images is not None
     if args.int8 and not calibrating:
         parser.error("--int8 needs calibration images: --calibration-config CONFIG or --calibration-images FOLDER")
@@ -146,25 +161,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--calibration-config / --calibration-images calibrate an --int8 export")
     if args.calibration < 1:
         parser.error(f"--calibration must be at least 1 image, got {args.calibration}")
-    settings = {}
+    settings = None  # no post-processing in the graph
     if args.with_postprocess:
-        settings = {
-            "score_threshold": args.score_threshold,
-            "nms_threshold": args.nms_threshold,
-            "top_k": args.top_k,
-            "max_detections": args.max_detections,
-        }
+        settings = PostprocessSettings(
+            score_threshold=args.score_threshold,
+            nms_threshold=args.nms_threshold,
+            top_k=args.top_k,
+            max_detections=args.max_detections,
+        )
     try:
         check_output_path(args.output, "--output")
         model = load_model(args.checkpoint)
         if args.int8:
             calibration = calibration_images(args, model.image_size)
             print(f"calibrating on {calibration.description}")
-            path = export_int8(
-                model, args.output, calibration, args.with_postprocess, args.opset, args.float_heads, **settings
-            )
+            path = export_int8(model, args.output, calibration, settings, args.opset, args.float_heads)
         else:
-            path = export_onnx(model, args.output, args.with_postprocess, args.opset, **settings)
+            path = export_onnx(model, args.output, settings, args.opset)
     except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
     outputs = "boxes, scores, labels, image_index" if args.with_postprocess else "boxes, scores"

@@ -10,7 +10,7 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from odkd.data.synthetic import SYNTHETIC_CLASSES, check_synthetic_settings, make_synthetic_voc
+from odkd.class_names import SYNTHETIC_CLASSES
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--min-size", type=int, default=240, help="smallest image side, pixels")
     parser.add_argument("--max-size", type=int, default=360, help="largest image side, pixels")
     args = parser.parse_args(argv)
+
+    from odkd.data.synthetic import check_synthetic_settings, make_synthetic_voc
+
     splits = {"trainval": args.trainval, "test": args.test}
     try:
         check_synthetic_settings(splits, args.min_size, args.max_size, args.year)

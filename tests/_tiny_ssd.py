@@ -4,8 +4,9 @@ pixels, so tests can set them by hand or get distinct scores everywhere from ran
 import torch
 from torch import nn
 
-from odkd.models import IMAGENET, SSD
+from odkd.models import SSD
 from odkd.models.ssd import plain_head, separable_head
+from odkd.preprocessing import IMAGENET
 from odkd.priors import PriorLayout
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from odkd.config import ConfigError, load_config, save_config, scaled_lr
+from odkd.config import ConfigError, evaluation_config, load_config, save_config, scaled_lr
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_defaults_file_and_overrides(tmp_path):
@@ -176,3 +177,42 @@ def test_method_settings_are_checked_against_their_class_when_the_run_is_built(o
     student = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5)
     with pytest.raises(ConfigError, match=message):
         build_distillers(cfg.distill, student, student)
+
+
+def test_evaluation_config_from_arguments_and_files(tmp_path):
+    """evaluate.py's arguments on top of a config file, or alone: nothing about the data is assumed."""
+    from odkd.class_names import VOC_CLASSES
+
+    cfg = evaluation_config(voc_root=tmp_path, year="2007", image_set="test")
+    assert (cfg.data.format, cfg.data.voc_root, cfg.data.test_sets) == ("voc", str(tmp_path), "2007_test")
+    assert cfg.class_names == VOC_CLASSES and cfg.eval.metric == "voc07"
+    assert cfg.eval.postprocess == PostprocessSettings()  # the defaults' one home
+    for missing, message in (
+        ({"year": "2007", "image_set": "test"}, "needs voc_root"),
+        ({"voc_root": tmp_path, "year": "2007"}, "give year and image_set"),
+        ({"voc_root": tmp_path, "year": "2007", "image_set": "test", "metric": "coco"}, "eval.metric coco"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            evaluation_config(**missing)
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {voc_root: voc, test_sets: SYN_test, classes: synthetic}\neval: {metric: area, top_k: 50}\n")
+    cfg = evaluation_config(path, classes=["disc", "ring"])
+    assert (cfg.data.voc_root, cfg.data.test_sets, cfg.class_names) == ("voc", "SYN_test", ("disc", "ring"))
+    assert cfg.eval.metric == "area" and cfg.eval.postprocess == PostprocessSettings(top_k=50)
+    assert evaluation_config(path, year="2012", image_set="val", metric="voc07").data.test_sets == "2012_val"
+    with pytest.raises(ConfigError, match=r"are also in data\.classes"):
+        evaluation_config(path, ignore_classes=["disc"])
+
+    coco_json = tmp_path / "coco" / "val.json"
+    coco_json.parent.mkdir()
+    coco_json.write_text(
+        '{"images": [], "annotations": [], "categories": [{"id": 3, "name": "cat"}, {"id": 1, "name": "dog"}]}'
+    )
+    cfg = evaluation_config(coco_json=coco_json)
+    assert cfg.data.format == "coco" and cfg.eval.metric == "coco" and cfg.class_names == ("dog", "cat")
+    assert cfg.data.coco.test_images == str(coco_json.parent)  # scoring a results file reads no image
+    with pytest.raises(ConfigError, match="running a model on COCO data needs coco_images"):
+        evaluation_config(coco_json=coco_json, reads_images=True)
+    with pytest.raises(ConfigError, match="ignore_classes is for VOC data"):
+        evaluation_config(coco_json=coco_json, ignore_classes=["cat"])

@@ -4,8 +4,9 @@ import pytest
 import torch
 from _reference_nets import QFGAOHAO, SSD_PYTORCH, qfgaohao_forward, random_state_dict, ssd_pytorch_forward
 
-from odkd.checkpoint import load_model
+from odkd.checkpoint import init_from_checkpoint, load_model
 from odkd.convert import import_checkpoint
+from odkd.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,24 @@ def test_bad_checkpoints_are_reported(ssd_pytorch_state):
         import_checkpoint(ssd_pytorch_state, "qfgaohao")
     with pytest.raises(ValueError, match="unknown checkpoint source"):
         import_checkpoint(ssd_pytorch_state, "mmdet")
+
+
+def test_load_model_reads_published_checkpoints(tmp_path, qfgaohao_state):
+    """One entry point for weights in a file: a published checkpoint through load_model, which fine-tuning
+    (init_from_checkpoint) and teachers use too; a problem names the file."""
+    path = tmp_path / "mb2-ssd-lite-mp-0_686.pth"
+    torch.save(qfgaohao_state, path)
+    model = load_model(path, "qfgaohao")
+    expected = import_checkpoint(qfgaohao_state, "qfgaohao")
+    assert model.arch == expected.arch and model.preprocessing == expected.preprocessing
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+    fresh = build_model("mobilenetv2_ssdlite300", num_classes=model.num_classes)
+    assert init_from_checkpoint(fresh, path, "qfgaohao") == (len(fresh.state_dict()), 0)
+    with pytest.raises(ValueError, match=r"mb2-ssd-lite-mp-0_686\.pth: not a ssd\.pytorch checkpoint"):
+        load_model(path, "ssd.pytorch")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list\.pth: not a state dict but a list"):
+        load_model(tmp_path / "list.pth", "qfgaohao")
 
 
 def test_convert_script_writes_a_loadable_model(tmp_path, qfgaohao_state, run_script):

@@ -1,10 +1,12 @@
 """VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
 
+import functools
 import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,10 +15,11 @@ import torch
 from _bad_images import noisy_jpeg, undecodable_png
 from PIL import Image
 
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
-from odkd.data.dataset import check_image, read_image
+from odkd.data.dataset import ImageFiles, check_image, read_image
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SYNTHETIC_CLASSES, _draw, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import _draw, make_synthetic_coco, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
@@ -456,30 +459,39 @@ def test_distributed_eval_loaders_share_the_set_without_repeats(tmp_path):
     assert shares == [[0, 2, 4], [1, 3]]  # no padding: a repeated image would be scored twice once gathered
 
 
+def cache_of(dataset: VOCDataset, directory: Path, **options) -> ImageCache:
+    return ImageCache.for_images(directory, dataset.image_paths, dataset.image_shapes, **options)
+
+
 def test_decoded_image_cache_gives_the_same_items_and_follows_changes(tmp_path):
     make_synthetic_voc(tmp_path, {"trainval": 6}, seed=3, min_size=40, max_size=60)
     dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 64))
+    assert isinstance(dataset.images, ImageFiles)
 
-    def loader_stream():
+    def loader_stream(dataset):
         return [b["images"] for b in build_loader(dataset, 2, train=True, num_workers=2, max_iters=4)]
 
-    from_files = [dataset[(i, i)]["image"] for i in range(6)], loader_stream()
-    cache = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
+    from_files = [dataset[(i, i)]["image"] for i in range(6)], loader_stream(dataset)
+    open_cache = functools.partial(ImageCache.for_images, tmp_path / "cache", workers=2, progress=False)
+    cached = VOCDataset(
+        tmp_path, "SYN_trainval", SYNTHETIC_CLASSES, transform=build_transform(True, 64), open_images=open_cache
+    )
+    cache = cached.images
+    assert isinstance(cache, ImageCache)
     sizes = [a.width * a.height * 3 for a in dataset.annotations]
     assert cache.path.stat().st_size == sum(sizes)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [cache.path.stem + ".lock", cache.path.name]
-    dataset.image_cache = cache
     for i in range(6):  # the exact pixels read_image gives, so the same augmented items
         assert np.array_equal(cache[i], read_image(dataset.image_paths[i]))
-        assert torch.equal(dataset[(i, i)]["image"], from_files[0][i])
-    assert all(torch.equal(a, b) for a, b in zip(loader_stream(), from_files[1], strict=True))
+        assert torch.equal(cached[(i, i)]["image"], from_files[0][i])
+    assert all(torch.equal(a, b) for a, b in zip(loader_stream(cached), from_files[1], strict=True))
     # Built once: a second call reuses the file; a changed image gets a new one.
-    again = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    again = cache_of(dataset, tmp_path / "cache", workers=0, progress=False)
     assert again.path == cache.path and again.path.stat().st_mtime_ns == cache.path.stat().st_mtime_ns
     first = dataset.image_paths[0]
     cv2.imwrite(str(first), np.zeros((dataset.annotations[0].height, dataset.annotations[0].width, 3), np.uint8))
     os.utime(first, ns=(time.time_ns() + 10**9,) * 2)
-    changed = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+    changed = cache_of(dataset, tmp_path / "cache", workers=0, progress=False)
     assert changed.path != cache.path and not changed[0].any()
 
 
@@ -488,21 +500,21 @@ def test_decoded_image_cache_errors_name_the_file(tmp_path):
     dataset = VOCDataset(tmp_path, "2007_trainval", CLASSES)
     (folder / "JPEGImages" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(DatasetError, match=r"b\.jpg: truncated JPEG"):
-        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=2, progress=False)
+        cache_of(dataset, tmp_path / "cache", workers=2, progress=False)
     cv2.imwrite(str(folder / "JPEGImages" / "b.jpg"), np.zeros((12, 10, 3), np.uint8))
     for read in (
         lambda: dataset[1],
-        lambda: ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0),
+        lambda: cache_of(dataset, tmp_path / "cache", workers=0),
         lambda: VOCDataset(tmp_path, "2007_trainval", CLASSES, check_images=True),
     ):
         with pytest.raises(DatasetError, match=r"b\.jpg: image is 10x12 but its annotation says 10x10"):
             read()
     assert {p.suffix for p in (tmp_path / "cache").iterdir()} == {".lock"}  # no half-written file left to be read
     with pytest.raises(DatasetError, match="missing or incomplete decoded-image cache"):
-        ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)
+        cache_of(dataset, tmp_path / "cache", build=False)
     (folder / "JPEGImages" / "a.jpg").unlink()
     with pytest.raises(DatasetError, match=r"a\.jpg: image file does not exist"):
-        ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0)
+        cache_of(dataset, tmp_path / "cache", workers=0)
 
 
 def test_decoded_image_cache_built_by_two_runs_at_once(tmp_path):
@@ -511,12 +523,13 @@ def test_decoded_image_cache_built_by_two_runs_at_once(tmp_path):
     make_synthetic_voc(tmp_path, {"trainval": 40}, seed=5, min_size=80, max_size=120)
     code = (
         "import sys; from odkd.data import VOCDataset; from odkd.data.image_cache import ImageCache; "
-        "from odkd.data.synthetic import SYNTHETIC_CLASSES as C; "
-        "ImageCache.for_dataset(sys.argv[2], VOCDataset(sys.argv[1], 'SYN_trainval', C), workers=0, progress=False)"
+        "from odkd.class_names import SYNTHETIC_CLASSES as C; "
+        "d = VOCDataset(sys.argv[1], 'SYN_trainval', C); "
+        "ImageCache.for_images(sys.argv[2], d.image_paths, d.image_shapes, workers=0, progress=False)"
     )
     runs = [subprocess.Popen([sys.executable, "-c", code, tmp_path, tmp_path / "cache"]) for _ in range(2)]
     assert [run.wait(timeout=300) for run in runs] == [0, 0]
     dataset = VOCDataset(tmp_path, "SYN_trainval", SYNTHETIC_CLASSES)
-    cache = ImageCache.for_dataset(tmp_path / "cache", dataset, build=False)
+    cache = cache_of(dataset, tmp_path / "cache", build=False)
     assert all(np.array_equal(cache[i], read_image(dataset.image_paths[i])) for i in range(len(dataset)))
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".lock", ".rgb"]

@@ -8,11 +8,13 @@ import torch
 from _bad_images import noisy_jpeg
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.data.voc import read_image
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_predictor_matches_dataset_detection(tmp_path):
@@ -21,16 +23,16 @@ def test_predictor_matches_dataset_detection(tmp_path):
     torch.manual_seed(0)
     model = build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5)
     # Away from the per-image cap, where near-equal scores of a random model could be cut differently.
-    settings = {"score_threshold": 0.2, "max_detections": 10_000}
+    settings = PostprocessSettings(score_threshold=0.2, max_detections=10_000)
     cpu = torch.device("cpu")
-    per_class = detect_dataset(model, dataset, cpu, batch_size=2, num_workers=0, progress=False, **settings)
-    predictor = Predictor(model, cpu, **settings)
+    detections = detect_dataset(model, dataset, cpu, batch_size=2, num_workers=0, progress=False, settings=settings)
+    predictor = Predictor(model, cpu, settings)
     for index in range(len(dataset)):
-        image_id = dataset.annotations[index].image_id
         det = predictor(read_image(dataset.image_path(index)))
-        for label, name in enumerate(SYNTHETIC_CLASSES, start=1):
+        found = detections[index]
+        for label in range(1, len(SYNTHETIC_CLASSES) + 1):
             ours = det.boxes[det.labels == label].numpy() + np.array([1, 1, 0, 0])  # devkit pixels are 1-based
-            theirs = per_class[name].boxes[per_class[name].image_ids == image_id]
+            theirs = found.boxes[found.labels == label]
             np.testing.assert_allclose(np.sort(ours, axis=0), np.sort(theirs, axis=0), atol=1e-3)
 
 

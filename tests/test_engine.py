@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from odkd.checkpoint import load_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.config import load_config
-from odkd.data import build_loader
+from odkd.data import VOCDataset, build_loader
+from odkd.data.dataset import ImageFiles
+from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine import DetectionTask, Trainer, TrainingError, lr_factor, setup_distributed
 from odkd.engine.build import build_datasets, build_detector, build_trainer, train_gt_slots
@@ -27,6 +30,8 @@ from odkd.engine.ema import ModelEMA
 from odkd.engine.hooks import CheckpointHook, EMAHook, MetricsHook
 from odkd.engine.schedule import build_optimizer, build_scheduler
 from odkd.engine.trainer import latest_checkpoint, match_state_layout, read_metrics
+from odkd.eval import evaluate_dataset
+from odkd.inference import detect_dataset
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -143,9 +148,10 @@ def test_skip_invalid_leaves_out_unreadable_images(tmp_path):
     with pytest.warns(UserWarning) as warned:
         train_set, test_set = build_datasets(cfg, build_detector(cfg), setup_distributed("cpu"))
     messages = [str(w.message) for w in warned]  # the file and its problem, then the count
-    assert len(messages) == 2 and re.search(rf"skipping {broken.stem}: .*not a readable image", messages[0])
+    assert len(messages) == 2 and re.search(rf"skipping {broken.stem}: .*truncated JPEG", messages[0])
     assert "skipped 1 of 8 images with bad data" in messages[1]
     assert len(train_set) + len(test_set) == 8 + 3 - 1 and broken not in train_set.image_paths
+    assert isinstance(train_set.images, ImageCache) and isinstance(test_set.images, ImageFiles)
     train_set[0]  # the decoded-image cache holds the readable ones
 
 
@@ -513,6 +519,7 @@ def test_ddp_under_torchrun(tmp_path, device):
         f"cache_dir: {tmp_path / 'cache'}}}\n"
         f"optim: {{max_iters: 3, warmup_iters: 0, milestones: [2]}}\n"
         f"train: {{output_dir: {tmp_path / 'run'}, log_every: 1, eval_every: 3, checkpoint_every: 3}}\n"
+        "eval: {batch_size: 1}\n"  # each image alone through the network, in two processes as in one
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -523,5 +530,19 @@ def test_ddp_under_torchrun(tmp_path, device):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # Two processes of batch 2: the logged throughput counts 4 images per iteration; rank 0 alone writes logs.
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]
-    assert any("mAP" in r for r in records)
     assert len(list((tmp_path / "cache").glob("*.rgb"))) == 1  # rank 0 decoded, rank 1 waited and read it
+    # Each process detected on its share of the test images (rank 0 on images 0 and 2, rank 1 on image 1)
+    # and rank 0 scored them all: the result of one process evaluating the same weights.
+    [scored] = [{k: r[k] for k in ("metric", "mAP", "ap")} for r in records if "mAP" in r]
+    if device == "cpu":  # on CUDA, cuDNN may choose other kernels in another process
+        model = load_model(tmp_path / "run" / "best.pt").to(memory_format=torch.channels_last)  # as trained
+        test_set = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what torchrun gives each process
+        try:
+            alone = evaluate_dataset(
+                detect_dataset(model, test_set, batch_size=1, num_workers=0, progress=False), test_set
+            )
+        finally:
+            torch.set_num_threads(threads)
+        assert scored == alone.to_json() and scored["mAP"] > 0

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from odkd.data.voc import VOC_CLASSES, Annotation, load_annotations
+from odkd.class_names import VOC_CLASSES
+from odkd.data.voc import Annotation, load_annotations
 from odkd.eval import (
     average_precision,
     evaluate,
@@ -296,7 +297,7 @@ def test_class_subset_through_the_script(devkit_case, run_script):
     written = json.loads(output.read_text())["ap"]
     assert written == pytest.approx({name: expected["voc07"][name] for name in ("cat", "dog")}, abs=1e-4)
     bad = run_script("evaluate.py", *args[:-4], "--classes", "cat,dog", "--ignore-classes", "dog")
-    assert bad.returncode != 0 and "['dog'] are both in the class list and in ignore_classes" in bad.stderr
+    assert bad.returncode != 0 and "data.ignore_classes: ['dog'] are also in data.classes" in bad.stderr
 
 
 @pytest.mark.parametrize("metric", ["voc07", "area"])

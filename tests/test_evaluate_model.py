@@ -9,11 +9,14 @@ import numpy as np
 import torch
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, read_image
-from odkd.data.synthetic import SYNTHETIC_CLASSES, _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import _annotation_xml, make_synthetic_coco, make_synthetic_voc
+from odkd.eval import group_by_class
 from odkd.export import export_onnx
 from odkd.inference import Predictor, detect_dataset
 from odkd.models import build_model
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):
@@ -67,7 +70,7 @@ def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -
     """Make each test image's objects its two best detections by ``model`` (rounded to whole pixels), in
     the VOC and the COCO copy of the set: a random model then has an AP between 0 and 1, with true and
     false positives interleaved in its ranking."""
-    predictor = Predictor(model, torch.device("cpu"), **settings)
+    predictor = Predictor(model, torch.device("cpu"), PostprocessSettings(**settings))
     data = json.loads(coco.read_text())
     category = {c["name"]: c["id"] for c in data["categories"]}
     data["annotations"] = []
@@ -111,12 +114,13 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_script):
     coco_data = {"format": "coco", "classes": "synthetic", "coco": files}
     coco.write_text(json.dumps({"data": coco_data, "eval": {**settings, "metric": "coco"}}))
     dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
-    for name, detections in detect_dataset(model, dataset, num_workers=0, progress=False, **settings).items():
-        assert len(detections.scores) == 0 or (np.diff(np.sort(detections.scores)) > 2e-5).all(), name
+    detections = detect_dataset(model, dataset, num_workers=0, progress=False, settings=PostprocessSettings(**settings))
+    for name, of_class in group_by_class(detections, dataset).items():
+        assert len(of_class.scores) == 0 or (np.diff(np.sort(of_class.scores)) > 2e-5).all(), name
 
     for config, postprocess in ((voc, False), (coco, True)):
         onnx_path = export_onnx(
-            model, tmp_path / f"m_{postprocess}.onnx", postprocess, **(settings if postprocess else {})
+            model, tmp_path / f"m_{postprocess}.onnx", PostprocessSettings(**settings) if postprocess else None
         )
         results, printed = {}, ""
         for flag, path in (("--checkpoint", tmp_path / "m.pt"), ("--onnx", onnx_path)):

@@ -17,6 +17,7 @@ from odkd.checkpoint import save_model
 from odkd.export import DeployedDetector, export_onnx, onnx_program
 from odkd.models import build_model
 from odkd.postprocess import nms_rows, postprocess_flat
+from odkd.postprocess_settings import PostprocessSettings
 
 
 def run_onnx(path, images: torch.Tensor, **inputs: torch.Tensor) -> list[np.ndarray]:
@@ -46,7 +47,7 @@ def test_post_processing_export_matches_pytorch_detection_for_detection(tmp_path
     model = tiny_ssd(16, num_classes=4).eval()
     model.class_names = ("a", "b", "c")
     settings = {"score_threshold": 0.2, "top_k": 30, "nms_threshold": 0.45, "max_detections": 25}
-    path = export_onnx(model, tmp_path / "nms.onnx", postprocess=True, **settings)
+    path = export_onnx(model, tmp_path / "nms.onnx", postprocess=PostprocessSettings(**settings))
     graph = onnx.load(str(path))
     assert [o.name for o in graph.graph.output] == ["boxes", "scores", "labels", "image_index"]
     metadata = {p.key: p.value for p in graph.metadata_props}
@@ -58,7 +59,7 @@ def test_post_processing_export_matches_pytorch_detection_for_detection(tmp_path
         images = torch.rand(batch, 3, 16, 16) * 255
         got = run_onnx(path, images)
         with torch.no_grad():
-            expected = [t.numpy() for t in DeployedDetector(model, postprocess=True, **settings)(images)]
+            expected = [t.numpy() for t in DeployedDetector(model, PostprocessSettings(**settings))(images)]
         assert 0 < len(got[1]) <= 25 * batch
         assert set(got[3].tolist()) == set(range(batch))  # every image has detections
         np.testing.assert_array_equal(got[2], expected[2])  # labels
@@ -140,13 +141,13 @@ def test_other_architectures_export(tmp_path, name):
 
 
 class PostProcessing(nn.Module):
-    def __init__(self, priors: torch.Tensor, **settings) -> None:
+    def __init__(self, priors: torch.Tensor, settings: PostprocessSettings = PostprocessSettings()) -> None:
         super().__init__()
         self.register_buffer("priors", priors)
         self.settings = settings
 
     def forward(self, loc: torch.Tensor, conf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(postprocess_flat(loc, conf, self.priors, **self.settings))
+        return tuple(postprocess_flat(loc, conf, self.priors, self.settings))
 
 
 def test_exported_nms_does_not_depend_on_an_images_place_in_the_batch(tmp_path):
@@ -198,8 +199,8 @@ def test_exported_post_processing_breaks_ties_as_pytorch(tmp_path):
     priors = torch.cat((centres, 0.05 + 0.2 * torch.rand(400, 2, generator=g)), 1)
     conf = torch.randint(0, 3, (2, 400, 3), generator=g).float()  # three logit values: scores tie in groups
     loc = torch.zeros(2, 400, 4)
-    settings = {"score_threshold": 0.1, "top_k": 50, "nms_threshold": 0.45, "max_detections": 30}
-    module = PostProcessing(priors, **settings).eval()
+    settings = PostprocessSettings(score_threshold=0.1, top_k=50, nms_threshold=0.45, max_detections=30)
+    module = PostProcessing(priors, settings).eval()
     program = onnx_program(module, {"loc": loc, "conf": conf}, ["b", "s", "l", "i"])
     program.save(str(tmp_path / "ties.onnx"))
     got = run_onnx(tmp_path / "ties.onnx", None, loc=loc, conf=conf)

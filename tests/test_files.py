@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from odkd.checkpoint import save_model
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.files import atomic_write, check_output_path, json_line
 from odkd.models import build_model
 
@@ -70,7 +71,9 @@ def test_written_files_follow_the_umask(tmp_path, mask):
         save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.35), tmp_path / "m.pt")
         atomic_write(tmp_path / "a" / "b.bin", lambda f: f.write(b"x"))
         dataset = VOCDataset(tmp_path / "voc", "SYN_trainval", SYNTHETIC_CLASSES)
-        cache = ImageCache.for_dataset(tmp_path / "cache", dataset, workers=0, progress=False)
+        cache = ImageCache.for_images(
+            tmp_path / "cache", dataset.image_paths, dataset.image_shapes, workers=0, progress=False
+        )
     finally:
         os.umask(old)
     written = [tmp_path / "m.pt", tmp_path / "a" / "b.bin", cache.path, *(tmp_path / "voc" / ".odkd_cache").iterdir()]

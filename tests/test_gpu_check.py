@@ -11,9 +11,10 @@ import sys
 import pytest
 import yaml
 
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.compare import load_experiment
 from odkd.config import load_config
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.gpu_check import (
     COST_DISTILLED,
     FALLBACK_IMAGES_PER_S,

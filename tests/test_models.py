@@ -1,5 +1,6 @@
 """Architectures: sizes, output structure, prior order, preprocessing, ImageNet initialisation, model files."""
 
+import re
 import urllib.error
 
 import pytest
@@ -7,9 +8,12 @@ import torch
 import torchvision
 
 from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
-from odkd.models import IMAGENET, Preprocessing, build_model
+from odkd.files import FileWriteError
+from odkd.model_names import MODEL_NAMES
+from odkd.models import MODELS, build_model
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
+from odkd.preprocessing import IMAGENET, Preprocessing
 from odkd.priors import build_priors
 
 
@@ -32,6 +36,10 @@ ARCHS = {
     "mobilenetv2_ssdlite300": (300, 3000, [576, 1280, 512, 256, 256, 64], [19, 10, 5, 3, 2, 1], [6] * 6, True),
     "mobilenetv2_ssdlite320": (320, 3234, [576, 1280, 512, 256, 256, 64], [20, 10, 5, 3, 2, 1], [6] * 6, True),
 }
+
+
+def test_model_names_are_the_architectures_built():
+    assert tuple(MODELS) == MODEL_NAMES == tuple(ARCHS)
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -209,7 +217,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    expected = rf"could not write {re.escape(str(path))}: boom .*the previous file is kept"
+    with pytest.raises(FileWriteError, match=expected):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -7,6 +7,7 @@ import torch
 from _crowded import BOXES, IMAGES, crowded_batch
 
 from odkd.postprocess import postprocess
+from odkd.postprocess_settings import PostprocessSettings
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,7 +31,7 @@ def run(**kwargs):
     background = torch.tensor([0.0, -20.0, -20.0]).expand(4, 3)
     conf = torch.stack([logits, background, logits])
     loc = torch.zeros(3, 4, 4)
-    return postprocess(loc, conf, PRIORS, **kwargs)
+    return postprocess(loc, conf, PRIORS, PostprocessSettings(**kwargs))
 
 
 def test_threshold_and_nms():
@@ -70,7 +71,7 @@ def test_decode_and_clip():
     conf = torch.tensor([[[0.0, math.log(9.0)]]])  # class 1 probability 0.9
     det = postprocess(loc, conf, priors)[0]
     torch.testing.assert_close(det.boxes, torch.tensor([[0.82, 0.4, 1.0, 0.6]]))
-    det = postprocess(loc, conf, priors, clip=False)[0]
+    det = postprocess(loc, conf, priors, PostprocessSettings(clip=False))[0]
     torch.testing.assert_close(det.boxes, torch.tensor([[0.82, 0.4, 1.02, 0.6]]))
     assert det.scores.item() == pytest.approx(0.9)
 
@@ -80,7 +81,7 @@ def test_many_priors_cap_holds():
     priors = torch.rand(3000, 4) * 0.5 + 0.25
     conf = torch.randn(2, 3000, 21) * 4
     loc = torch.randn(2, 3000, 4)
-    out = postprocess(loc, conf, priors, max_detections=50)
+    out = postprocess(loc, conf, priors, PostprocessSettings(max_detections=50))
     for det in out:
         assert len(det.boxes) == 50
         assert (det.scores[:-1] >= det.scores[1:]).all()

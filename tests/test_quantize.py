@@ -20,6 +20,7 @@ from odkd.export import DeployedDetector, export_onnx
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
 from odkd.postprocess import Detections
+from odkd.postprocess_settings import PostprocessSettings
 from odkd.quantize import (
     CalibrationImages,
     export_int8,
@@ -213,11 +214,11 @@ def test_int8_detections_overlap_the_float_models_by_the_derived_bound(trained, 
     here); greedy NMS keeps it (B = p's INT8 box, corners within e of A) or drops it for a kept box B
     scoring at least as high whose IoU with p's INT8 box is above t."""
     model, images = trained
-    settings = {"score_threshold": 0.2, "nms_threshold": 0.45, "top_k": 512, "max_detections": 1024}
-    path = export_int8(model, tmp_path / "int8_nms.onnx", calibrated_on(images), postprocess=True, **settings)
+    settings = PostprocessSettings(score_threshold=0.2, nms_threshold=0.45, top_k=512, max_detections=1024)
+    path = export_int8(model, tmp_path / "int8_nms.onnx", calibrated_on(images), postprocess=settings)
     got = OnnxDetector(path).detect_batch(images)
     with torch.no_grad():
-        expected = DeployedDetector(model, postprocess=True, **settings)(images.float())
+        expected = DeployedDetector(model, postprocess=settings)(images.float())
         raw_boxes, _ = DeployedDetector(model)(images.float())
     score_bound, corner_bound = network_bounds(model, images, path)
     checked = 0
@@ -225,11 +226,11 @@ def test_int8_detections_overlap_the_float_models_by_the_derived_bound(trained, 
         priors = (raw_boxes[image] == box).all(1).nonzero()[:, 0]  # the prior(s) with exactly this box
         d = float(score_bound[image, priors, label].max()) + FLOAT_SLACK
         e = float(corner_bound[image, priors].max()) + FLOAT_SLACK
-        if score - d <= settings["score_threshold"]:
+        if score - d <= settings.score_threshold:
             continue
         mine = got[image].labels == label
         ious = box_iou(box[None].double(), got[image].boxes[mine].double())[0]
-        ok = (got[image].scores[mine] >= score - d) & (ious >= iou_lower_bound(box, e, settings["nms_threshold"]))
+        ok = (got[image].scores[mine] >= score - d) & (ious >= iou_lower_bound(box, e, settings.nms_threshold))
         assert ok.any(), (int(image), int(label), float(score), d, e)
         checked += 1
     assert checked >= len(images)  # at least one confident float detection per image was checked

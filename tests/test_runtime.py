@@ -8,6 +8,7 @@ from _tiny_ssd import tiny_ssd
 
 from odkd.export import export_onnx
 from odkd.inference import Predictor
+from odkd.postprocess_settings import PostprocessSettings
 from odkd.runtime import OnnxDetector
 
 
@@ -17,16 +18,17 @@ def test_onnx_detector_gives_the_pytorch_detections(tmp_path, in_graph):
     torch.manual_seed(0)
     model = tiny_ssd(16, num_classes=4).eval()
     model.class_names = ("a", "b", "c")
-    settings = {"score_threshold": 0.2, "top_k": 30, "nms_threshold": 0.45, "max_detections": 25}
-    path = export_onnx(model, tmp_path / "m.onnx", postprocess=in_graph, **(settings if in_graph else {}))
+    settings = PostprocessSettings(score_threshold=0.2, top_k=30, nms_threshold=0.45, max_detections=25)
+    path = export_onnx(model, tmp_path / "m.onnx", postprocess=settings if in_graph else None)
     # A file with NMS in the graph keeps its own settings whatever it is given.
-    detector = OnnxDetector(path, threads=1, **({"score_threshold": 0.9} if in_graph else settings))
+    given = PostprocessSettings(score_threshold=0.9) if in_graph else settings
+    detector = OnnxDetector(path, threads=1, settings=given)
     assert (detector.image_size, detector.num_classes, detector.class_names) == (16, 4, ("a", "b", "c"))
     assert detector.precision == "float32" and detector.in_graph == in_graph
-    assert {k: detector.settings[k] for k in settings} == settings
+    assert detector.settings == settings
     images = (torch.rand(3, 3, 16, 16) * 255).to(torch.uint8)
     got = detector.detect_batch(images)
-    expected = Predictor(model, torch.device("cpu"), **settings).detect_batch(images, on_cpu=True)
+    expected = Predictor(model, torch.device("cpu"), settings).detect_batch(images, on_cpu=True)
     assert len(got) == 3
     for g, e in zip(got, expected, strict=True):
         assert len(e.scores) > 0

@@ -13,16 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from odkd.augmentation import Augmentation
 from odkd.data.transforms import (
     CHANNEL_ORDERS,
-    Augmentation,
     DetectionTransform,
     ExpandCropFlipResize,
     PhotometricDistort,
     build_transform,
     sample_min_iou_crop,
 )
-from odkd.models import IMAGENET
+from odkd.preprocessing import IMAGENET
 
 
 def iou(box, rect):

@@ -4,8 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_transform
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
+from odkd.data.synthetic import make_synthetic_voc
 from odkd.visualize import _colour, draw_detections, training_examples, write_image
 
 

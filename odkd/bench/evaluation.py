@@ -16,8 +16,8 @@ import torch
 from odkd.bench.synthetic import benchmark_classes, write_benchmark_images
 from odkd.bench.timing import device_name
 from odkd.checkpoint import load_model
+from odkd.class_names import VOC_CLASSES
 from odkd.data import Annotation, VOCDataset
-from odkd.data.voc import VOC_CLASSES
 from odkd.device import select_device
 from odkd.eval import (
     evaluate,

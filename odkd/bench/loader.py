@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from odkd.bench.synthetic import write_benchmark_images
+from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_loader, build_transform
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SYNTHETIC_CLASSES
 
 __all__ = ["LoaderRate", "build_benchmark_cache", "loader_dataset", "loader_rates"]
 
@@ -35,7 +35,9 @@ def loader_dataset(root: str | Path, images: int, size: int) -> VOCDataset:
 def build_benchmark_cache(root: str | Path, dataset: VOCDataset, workers: int) -> tuple[ImageCache, float]:
     """The decoded-image cache of ``dataset`` under ``root/cache``, and the seconds it took to get ready."""
     start = time.perf_counter()
-    cache = ImageCache.for_dataset(Path(root) / "cache", dataset, workers=workers, progress=False)
+    cache = ImageCache.for_images(
+        Path(root) / "cache", dataset.image_paths, dataset.image_shapes, workers=workers, progress=False
+    )
     return cache, time.perf_counter() - start
 
 
@@ -45,8 +47,9 @@ def loader_rates(
     """For JPEG files, then the decoded cache: every image of ``dataset`` read in one process, then
     ``batches`` batches of ``batch`` through a DataLoader with each of ``worker_counts`` workers (the
     first batch, the workers' start-up, not timed). One rate at a time, as it is measured."""
+    files = dataset.images
     for source in ("JPEG files", "decoded cache"):
-        dataset.image_cache = cache if source == "decoded cache" else None
+        dataset.images = cache if source == "decoded cache" else files
         start = time.perf_counter()
         for i in range(len(dataset)):
             dataset[(i, i)]

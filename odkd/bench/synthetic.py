@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from odkd.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_voc
-from odkd.data.voc import VOC_CLASSES, Annotation
+from odkd.class_names import SYNTHETIC_CLASSES, VOC_CLASSES
+from odkd.data.synthetic import make_synthetic_voc
+from odkd.data.voc import Annotation
 
 __all__ = [
     "MAX_SIZE",

@@ -1,15 +1,15 @@
 """Datasets, augmentation and loading."""
 
-from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
+from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, ImageDetections, read_image
 from odkd.data.loader import IterationSampler, build_loader, collate, prefetch_to_device
 from odkd.data.transforms import build_transform
-from odkd.data.voc import VOC_CLASSES, VOCDataset, load_annotations, parse_annotation
+from odkd.data.voc import VOCDataset, load_annotations, parse_annotation
 
 __all__ = [
-    "VOC_CLASSES",
     "Annotation",
     "DatasetError",
     "DetectionDataset",
+    "ImageDetections",
     "IterationSampler",
     "VOCDataset",
     "build_loader",

@@ -3,7 +3,7 @@
 The JSON fields read: ``images[].{id, file_name, width, height}``, ``annotations[].{id, image_id,
 category_id, bbox, iscrowd}`` (``bbox`` = ``[x, y, w, h]`` in 0-based pixels; ``iscrowd`` optional) and
 ``categories[].{id, name}``. Category ids can be any integers: with no class list the categories in
-increasing id order become labels 1..K; with a class list (e.g. :data:`COCO_CLASSES`, or a few names to
+increasing id order become labels 1..K; with a class list (e.g. :data:`odkd.class_names.COCO_CLASSES`, or a few names to
 train on a subset) categories are matched by name and objects of the other categories are left out (so
 they count as background). Crowd boxes are treated like VOC's difficult objects: not trained on by default,
 ignored by the evaluation. Images without objects are kept (they teach background).
@@ -27,22 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from odkd.data.dataset import Annotation, DatasetError, DetectionDataset
+from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, ImageFiles, OpenImages
 
-__all__ = ["COCO_CLASSES", "COCODataset", "coco_class_names", "read_coco_json"]
-
-# The 80 categories of COCO 2014/2017 in increasing category-id order.
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)  # fmt: skip
+__all__ = ["COCODataset", "coco_class_names", "read_coco_json"]
 
 # Box corners may exceed the image by this many pixels (rounding in the published annotations); clipped.
 _EDGE_TOLERANCE = 1.0
@@ -102,7 +89,7 @@ class COCODataset(DetectionDataset):
         image_dir: the folder the images' ``file_name`` are relative to.
         class_names: the class list (label i+1 is class_names[i], matched to category names); None: the
             file's categories in increasing id order. Objects of categories outside the list are left out.
-        transform, keep_difficult (crowd boxes), skip_invalid, check_images, check_headers: as
+        transform, keep_difficult (crowd boxes), skip_invalid, check_images, check_headers, open_images: as
             :class:`odkd.data.VOCDataset`.
 
     ``coco_ids[i]`` is the COCO image id of item ``i`` and ``category_ids[label - 1]`` the category id of a
@@ -119,6 +106,7 @@ class COCODataset(DetectionDataset):
         skip_invalid: bool = False,
         check_images: bool = False,
         check_headers: bool = True,
+        open_images: OpenImages = ImageFiles,
     ) -> None:
         self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
         data = read_coco_json(self.annotation_file)
@@ -156,7 +144,7 @@ class COCODataset(DetectionDataset):
                 f"(annotation ids {shown})",
                 stacklevel=2,
             )
-        self._keep(found, skip_invalid, check_images, f"{self.annotation_file}", check_headers)
+        self._keep(found, skip_invalid, check_images, f"{self.annotation_file}", open_images, check_headers)
         self.coco_ids = [int(ann.image_id) for ann in self.annotations]
 
     def _images(self, data: dict) -> dict[int, tuple[str, int, int]]:

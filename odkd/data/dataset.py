@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -24,10 +24,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:
-    from odkd.data.image_cache import ImageCache
+from odkd.class_names import class_name_problems
 
-__all__ = ["Annotation", "DatasetError", "DetectionDataset", "check_image", "class_name_problems", "read_image"]
+__all__ = [
+    "Annotation",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageDetections",
+    "ImageFiles",
+    "ImageSource",
+    "OpenImages",
+    "check_image",
+    "read_image",
+]
 
 # What torch's DataLoader makes of an exception raised in a worker: the worker's whole traceback as text.
 _WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
@@ -78,6 +87,15 @@ class Annotation:
             np.asarray(d["labels"], dtype=np.int64),
             np.asarray(d["difficult"], dtype=bool),
         )
+
+
+class ImageDetections(NamedTuple):
+    """What a detector found in one image, in the pixel coordinates of its format (as :class:`Annotation`
+    holds what is there), by decreasing score."""
+
+    boxes: np.ndarray  # (k, 4) float64 xmin, ymin, xmax, ymax
+    scores: np.ndarray  # (k,) float32 class probability
+    labels: np.ndarray  # (k,) int64 class index, 1..C
 
 
 # The bytes a complete file of these formats ends with (a JPEG's end-of-image marker, a PNG's IEND chunk).
@@ -146,16 +164,27 @@ def check_image(path: str | os.PathLike, size: tuple[int, int]) -> None:
     read_image(path, size)
 
 
-def class_name_problems(names: Sequence[str]) -> list[str]:
-    """What is wrong with a list of class names (empty if nothing): each name is one output of the head."""
-    problems = []
-    if not names:
-        problems.append("the list is empty: name at least one class")
-    if blank := [name for name in names if not name.strip()]:
-        problems.append(f"{blank} are blank names")
-    if repeated := sorted({name for name in names if names.count(name) > 1}):
-        problems.append(f"{repeated} appear more than once")
-    return problems
+class ImageSource(Protocol):
+    """Where a dataset's items get their pixels: ``source[i]`` is image ``i`` as ``(H, W, 3)`` uint8 RGB, of
+    its annotated size."""
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+class ImageFiles:
+    """The plain image source: image ``i`` decoded from its file at every read (:func:`read_image`, which
+    checks it against its annotated ``(height, width)``)."""
+
+    def __init__(self, paths: Sequence[Path], shapes: Sequence[tuple[int, int]]) -> None:
+        self.paths, self.shapes = paths, shapes
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return read_image(self.paths[index], self.shapes[index])
+
+
+# How a dataset opens its images once it knows which it keeps, given their paths and annotated (height, width):
+# ImageFiles, or a decoded-image cache (odkd.data.image_cache.ImageCache.for_images, bound to its folder).
+OpenImages = Callable[[Sequence[Path], Sequence[tuple[int, int]]], ImageSource]
 
 
 class DetectionDataset(Dataset):
@@ -163,7 +192,8 @@ class DetectionDataset(Dataset):
     RGB), ``boxes`` ``(n, 4)`` float32 x1,y1,x2,y2 relative to the (transformed) image, ``labels``
     ``(n,)`` int64 in 1..C, and ``index`` (the item's position, to look up its annotation).
 
-    Subclasses call :meth:`_keep` with their images and annotations (or the error each raised).
+    Subclasses call :meth:`_keep` with their images and annotations (or the error each raised) and how to
+    open the kept images (:data:`OpenImages`), which gives :attr:`images`, the source items read.
     """
 
     pixel_offset: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
@@ -176,7 +206,6 @@ class DetectionDataset(Dataset):
         self.keep_difficult = keep_difficult
         self.image_paths: list[Path] = []
         self.annotations: list[Annotation] = []
-        self.image_cache: ImageCache | None = None  # decoded pixels to read instead of the image files
 
     def _keep(
         self,
@@ -184,11 +213,12 @@ class DetectionDataset(Dataset):
         skip_invalid: bool,
         check_images: bool,
         what: str,
+        open_images: OpenImages,
         check_headers: bool = True,
     ) -> None:
         """Keep the images whose annotation parsed and whose file passes :func:`check_image` (with
         ``check_headers``) or reads (with ``check_images``); a problem raises, or with ``skip_invalid``
-        leaves the image out with a warning and a count."""
+        leaves the image out with a warning and a count. Then ``open_images`` opens the kept ones."""
         check = read_image if check_images else check_image if check_headers else None
         skipped = total = 0
         for path, ann in found:
@@ -211,12 +241,18 @@ class DetectionDataset(Dataset):
             warnings.warn(f"{what}: skipped {skipped} of {total} images with bad data", stacklevel=3)
         if not self.annotations:
             raise DatasetError(f"{what} holds no usable images")
+        self.images: ImageSource = open_images(self.image_paths, self.image_shapes)
 
     def __len__(self) -> int:
         return len(self.annotations)
 
     def image_path(self, index: int) -> Path:
         return self.image_paths[index]
+
+    @property
+    def image_shapes(self) -> list[tuple[int, int]]:
+        """The annotated ``(height, width)`` of each image."""
+        return [(ann.height, ann.width) for ann in self.annotations]
 
     def _trained_on(self, ann: Annotation) -> np.ndarray:
         """``(n,)`` bool: the objects of ``ann`` an item holds (difficult ones only if kept)."""
@@ -234,10 +270,7 @@ class DetectionDataset(Dataset):
         if seed is not None and self.transform is not None:
             self.transform.set_seed(seed)
         ann = self.annotations[index]
-        if self.image_cache is not None:  # checked against the annotation when the cache was built
-            image = self.image_cache[index]
-        else:
-            image = read_image(self.image_paths[index], (ann.height, ann.width))
+        image = self.images[index]
         keep = self._trained_on(ann)
         boxes = ann.boxes[keep] - np.array(self.pixel_offset, dtype=np.float32)  # 0-based pixels
         labels = ann.labels[keep]

@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from odkd.data.dataset import DatasetError, DetectionDataset, read_image
+from odkd.data.dataset import DatasetError, read_image
 from odkd.data.loader import ignore_stop_signals
 from odkd.files import shared_file_mode
 
@@ -143,14 +143,15 @@ class ImageCache:
         return {**self.__dict__, "_pixels": None}
 
     @classmethod
-    def for_dataset(
-        cls, directory: str | os.PathLike, dataset: DetectionDataset, build: bool = True, workers: int = 4,
-        progress: bool = True,
+    def for_images(
+        cls, directory: str | os.PathLike, paths: Sequence[Path], shapes: Sequence[tuple[int, int]],
+        build: bool = True, workers: int = 4, progress: bool = True,
     ) -> ImageCache:  # fmt: skip
-        """The cache of ``dataset``'s images in ``directory``, decoded first if ``build`` and not there yet
-        (under DDP one process builds, the others wait and pass ``build=False``)."""
-        shapes = [(ann.height, ann.width) for ann in dataset.annotations]
-        path = image_cache_path(directory, dataset.image_paths, shapes)
+        """The cache of the images at ``paths`` (of annotated ``(height, width)`` ``shapes``) in ``directory``,
+        decoded first if ``build`` and not there yet (under DDP one process builds, the others wait and pass
+        ``build=False``). Bound to its folder (``functools.partial``), this opens a dataset's images
+        (:data:`odkd.data.dataset.OpenImages`)."""
+        path = image_cache_path(directory, paths, shapes)
         if build:
-            build_image_cache(path, dataset.image_paths, shapes, workers, progress)
+            build_image_cache(path, paths, shapes, workers, progress)
         return cls(path, shapes)

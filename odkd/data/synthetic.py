@@ -20,15 +20,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from odkd.class_names import SYNTHETIC_CLASSES
+
 __all__ = [
     "COCO_CATEGORY_IDS",
-    "SYNTHETIC_CLASSES",
     "check_synthetic_settings",
     "make_synthetic_coco",
     "make_synthetic_voc",
 ]
 
-SYNTHETIC_CLASSES = ("disc", "block", "triangle", "ring", "cross")
 _MIN_OBJECT_SIZE = 6  # pixels, the smallest side of an object: an image must hold one
 # Per class: RGB colour and the range of the object's size as a fraction of the image's shorter side.
 _STYLE = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import albumentations as A
 import cv2
@@ -22,20 +21,16 @@ import numpy as np
 import torch
 from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform
 
-from odkd.models.ssd import Preprocessing
+from odkd.augmentation import MIN_IOUS, Augmentation
+from odkd.preprocessing import Preprocessing
 
 __all__ = [
-    "Augmentation",
     "DetectionTransform",
     "ExpandCropFlipResize",
     "PhotometricDistort",
     "build_transform",
     "sample_min_iou_crop",
 ]
-
-# SSD's sampling modes: keep the whole image, a crop whose IoU with every object is at least one of
-# these, or any crop ("any", no IoU constraint).
-MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def sample_min_iou_crop(
@@ -303,48 +298,6 @@ class DetectionTransform:
         if self.preprocessing is not None:
             image = self.preprocessing.normalize(image[None])[0]
         return image, np.clip(boxes, 0.0, 1.0), np.asarray(out["labels"], dtype=np.int64)
-
-
-@dataclass
-class Augmentation:
-    """SSD's train augmentation settings, the config's ``data.augment`` section. The defaults are
-    ssd.pytorch's (and lufficc/SSD's); a probability of 0 turns its step off."""
-
-    distort_p: float = 0.5  # each photometric step on its own: brightness, contrast, saturation, hue
-    brightness: float = 32.0  # + U(-brightness, brightness) grey levels
-    contrast: list[float] = field(default_factory=lambda: [0.5, 1.5])  # x U(low, high)
-    saturation: list[float] = field(default_factory=lambda: [0.5, 1.5])  # x U(low, high)
-    hue: float = 18.0  # + U(-hue, hue) degrees
-    channel_swap_p: float = 0.5  # the channels in one of their six orders (colour-coded classes: set 0)
-    expand_p: float = 0.5  # zoom out onto a mean-filled canvas U(1, expand_max_ratio) times larger per side
-    expand_max_ratio: float = 4.0
-    crop: bool = True  # SSD's min-IoU random crop
-    min_ious: list[float] = field(default_factory=lambda: list(MIN_IOUS))  # crop modes besides "whole" and "any"
-    min_crop_scale: float = 0.3  # crop sides from this fraction of the canvas's to all of it
-    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])  # crop height / width range
-    flip_p: float = 0.5
-
-    def problems(self) -> list[str]:
-        """What is wrong with these settings, each naming its key (empty if nothing)."""
-        found = []
-        for key in ("distort_p", "channel_swap_p", "expand_p", "flip_p"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                found.append(f"{key} is a probability, got {getattr(self, key)}")
-        for key in ("contrast", "saturation", "crop_aspect"):
-            low_high = getattr(self, key)
-            if len(low_high) != 2 or not 0.0 < low_high[0] <= low_high[1]:
-                found.append(f"{key} is [low, high] with 0 < low <= high, got {low_high}")
-        if not 0.0 <= self.brightness <= 255.0:
-            found.append(f"brightness is 0-255 grey levels, got {self.brightness}")
-        if not 0.0 <= self.hue <= 180.0:
-            found.append(f"hue is 0-180 degrees, got {self.hue}")
-        if self.expand_max_ratio < 1.0:
-            found.append(f"expand_max_ratio is at least 1, got {self.expand_max_ratio}")
-        if not 0.0 < self.min_crop_scale <= 1.0:
-            found.append(f"min_crop_scale is in (0, 1], got {self.min_crop_scale}")
-        if not all(0.0 <= iou <= 1.0 for iou in self.min_ious):
-            found.append(f"min_ious are IoUs in [0, 1], got {self.min_ious}")
-        return found
 
 
 def build_transform(

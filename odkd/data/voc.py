@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, read_image
+from odkd.class_names import VOC_CLASSES
+from odkd.data.dataset import Annotation, DatasetError, DetectionDataset, ImageFiles, OpenImages, read_image
 from odkd.files import atomic_write
 
 __all__ = [
-    "VOC_CLASSES",
     "Annotation",
     "DatasetError",
     "VOCDataset",
@@ -50,11 +50,6 @@ __all__ = [
     "parse_image_sets",
     "read_image",
 ]
-
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
 
 CACHE_VERSION = 3  # 2: non-finite numbers are errors; 3: <difficult> true/false, other values are errors
 _FLAGS = {"0": False, "false": False, "1": True, "true": True}  # <difficult> values, case aside
@@ -269,6 +264,8 @@ class VOCDataset(DetectionDataset):
         check_headers: read every image's header at start-up (~0.2 ms each; :func:`check_image`): missing
             or truncated files and sizes other than the annotation's are found now, not mid-run (False:
             the annotations alone, e.g. to score result files without the images).
+        open_images: how items read the kept images (:data:`~odkd.data.dataset.OpenImages`): decoded from
+            their files (default), or e.g. from a decoded-image cache.
     """
 
     pixel_offset = (1.0, 1.0, 0.0, 0.0)  # the devkit counts pixels from 1: xmin = 1 is the left edge
@@ -285,10 +282,11 @@ class VOCDataset(DetectionDataset):
         cache_dir: str | os.PathLike | None = None,
         ignore_classes: Collection[str] | None = None,
         check_headers: bool = True,
+        open_images: OpenImages = ImageFiles,
     ) -> None:
         super().__init__(class_names, transform, keep_difficult)
         self.root = Path(root)
         items, annotations = load_annotations(self.root, image_sets, self.class_names, cache_dir, ignore_classes)
         paths = [self.root / f"VOC{year}" / "JPEGImages" / f"{image_id}.jpg" for year, image_id in items]
         what = f"{self.root}: image set {image_sets}"
-        self._keep(zip(paths, annotations, strict=True), skip_invalid, check_images, what, check_headers)
+        self._keep(zip(paths, annotations, strict=True), skip_invalid, check_images, what, open_images, check_headers)

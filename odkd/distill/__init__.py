@@ -57,24 +57,32 @@ __all__ = [
     "LocalizationDistillation",
     "ObjectDistillationLoss",
     "build_distillers",
+    "check_distill_settings",
     "register_distiller",
     "settings_of",
 ]
 
 
-def build_distillers(cfg: DistillConfig, student: SSD, teacher: SSD) -> nn.ModuleDict:
-    """The methods of ``cfg.methods`` for this student and teacher, each with its section ``cfg.settings[name]``
-    checked against its class. Every section must name a registered method (a typo is an error, not a
-    silently ignored setting)."""
+def check_distill_settings(cfg: DistillConfig) -> dict[str, dict]:
+    """Each method's section ``cfg.settings[name]`` checked against its class (:func:`checked_settings`),
+    by method name; every section must name a registered method (a typo is an error, not a silently
+    ignored setting). No model is needed: a run checks this before it touches its folder."""
     from odkd.config import ConfigError
 
     if stray := sorted(set(cfg.settings) - set(DISTILLERS)):
         raise ConfigError(
             f"distill.{stray[0]}: no distillation method of that name; known: {', '.join(sorted(DISTILLERS))}"
         )
+    return {name: checked_settings(name, cfg.settings.get(name, {})) for name in cfg.methods}
+
+
+def build_distillers(cfg: DistillConfig, student: SSD, teacher: SSD) -> nn.ModuleDict:
+    """The methods of ``cfg.methods`` for this student and teacher, with their checked settings
+    (:func:`check_distill_settings`)."""
+    from odkd.config import ConfigError
+
     methods = {}
-    for name in cfg.methods:
-        settings = checked_settings(name, cfg.settings.get(name, {}))
+    for name, settings in check_distill_settings(cfg).items():
         try:
             methods[name] = DISTILLERS[name].from_models(student, teacher, **settings)
         except ValueError as err:  # settings that do not fit together, or do not fit these models

@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from odkd.checkpoint import ModelFileError, init_from_checkpoint
 from odkd.config import Config, scaled_lr
 from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transform
 from odkd.data.coco import COCODataset
+from odkd.data.dataset import ImageFiles, OpenImages
 from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
 from odkd.device import select_device
@@ -45,6 +46,7 @@ __all__ = [
     "build_datasets",
     "build_detector",
     "build_task",
+    "build_test_set",
     "build_train_set",
     "build_trainer",
     "run_training",
@@ -98,38 +100,63 @@ def _dataset_options(cfg: Config) -> dict:
     return {"class_names": cfg.class_names, "skip_invalid": data.skip_invalid, "check_images": data.skip_invalid}
 
 
-def build_train_set(cfg: Config, transform: Callable | None = None) -> DetectionDataset:
-    """The training set of ``cfg.data`` (VOC- or COCO-format) with ``transform`` (None: images as they are)."""
+def build_train_set(
+    cfg: Config, transform: Callable | None = None, open_images: OpenImages = ImageFiles
+) -> DetectionDataset:
+    """The training set of ``cfg.data`` (VOC- or COCO-format) with ``transform`` (None: images as they are),
+    its images opened by ``open_images`` (default: decoded from their files at every read)."""
     data = cfg.data
-    common = {**_dataset_options(cfg), "transform": transform, "keep_difficult": data.keep_difficult}
+    common = {
+        **_dataset_options(cfg),
+        "transform": transform,
+        "keep_difficult": data.keep_difficult,
+        "open_images": open_images,
+    }
     if data.format == "coco":
         return COCODataset(data.coco.train_json, data.coco.train_images, **common)
     return VOCDataset(data.voc_root, data.train_sets, ignore_classes=data.ignore_classes, **common)
 
 
+def _decoded_images(cfg: Config, info: DistInfo) -> OpenImages:
+    """Opens images through their decoded-image cache in ``data.cache_dir``: one process decodes them, the
+    others wait for its file."""
+    directory, workers = cfg.data.cache_dir, cfg.data.num_workers
+
+    def open_cache(paths: Sequence[Path], shapes: Sequence[tuple[int, int]]) -> ImageCache:
+        cache = ImageCache.for_images(directory, paths, shapes, workers=workers) if info.is_main else None
+        barrier(info)
+        return cache or ImageCache.for_images(directory, paths, shapes, build=False)
+
+    return open_cache
+
+
+def build_test_set(cfg: Config, reads_images: bool = True) -> DetectionDataset | None:
+    """The test set of ``cfg.data`` (VOC- or COCO-format; None if not set), images as they are.
+    ``reads_images=False``: the annotations alone are read and checked (to score result files)."""
+    data = cfg.data
+    common = _dataset_options(cfg)
+    if not reads_images:
+        common.update(check_images=False, check_headers=False)
+    if data.format == "coco":
+        return COCODataset(data.coco.test_json, data.coco.test_images, **common) if data.coco.test_json else None
+    if not data.test_sets:
+        return None
+    return VOCDataset(data.voc_root, data.test_sets, ignore_classes=data.ignore_classes, **common)
+
+
 def build_datasets(cfg: Config, model: SSD, info: DistInfo) -> tuple[DetectionDataset, DetectionDataset | None]:
-    """Train set with SSD augmentation to the model's input size, and the test set (None if not set);
-    VOC- or COCO-format as ``data.format`` says."""
+    """Train set with SSD augmentation to the model's input size (its images read from the decoded-image
+    cache with ``data.cache_dir``), and the test set (None if not set); VOC- or COCO-format as ``data.format``
+    says."""
     data = cfg.data
     if data.synthetic:
         if info.is_main:  # one process writes, the others wait for it
             write_synthetic_data(cfg)
         barrier(info)
     mean = model.preprocessing.mean if model.preprocessing.channels == "RGB" else model.preprocessing.mean[::-1]
-    train_set = build_train_set(cfg, build_transform(True, model.image_size, mean=mean, augment=data.augment))
-    common = _dataset_options(cfg)
-    if data.format == "coco":
-        test_set = COCODataset(data.coco.test_json, data.coco.test_images, **common) if data.coco.test_json else None
-    else:
-        test_set = (
-            VOCDataset(data.voc_root, data.test_sets, ignore_classes=data.ignore_classes, **common)
-            if data.test_sets
-            else None
-        )
-    if data.cache_dir:  # one process decodes, the others wait for the file
-        cache = ImageCache.for_dataset(data.cache_dir, train_set, workers=data.num_workers) if info.is_main else None
-        barrier(info)
-        train_set.image_cache = cache or ImageCache.for_dataset(data.cache_dir, train_set, build=False)
+    transform = build_transform(True, model.image_size, mean=mean, augment=data.augment)
+    train_set = build_train_set(cfg, transform, _decoded_images(cfg, info) if data.cache_dir else ImageFiles)
+    test_set = build_test_set(cfg)
     return train_set, test_set
 
 
@@ -230,9 +257,13 @@ def run_training(
     run, each said in the log) or None (a fresh run: the folder must not hold another run's files unless
     ``overwrite``).
     """
+    select_device(device)  # "cuda" without a CUDA device: refused before anything is written
+    if cfg.distill is not None:  # so are settings a distiller does not take
+        from odkd.distill import check_distill_settings
+
+        check_distill_settings(cfg.distill)
     out = Path(cfg.train.output_dir)
     check_output_path(out, "train.output_dir", folder=True)  # before minutes of set-up
-    select_device(device)  # a missing CUDA device is said before the run folder is made and locked
     is_main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
     with claim_run_folder(out, fresh=resume is None, overwrite=overwrite) if is_main else contextlib.nullcontext():
         trainer = build_trainer(cfg, device, progress)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odkd.boxes import decode, encode
-from odkd.checkpoint import load_model, read_torch_file
+from odkd.checkpoint import load_model
 from odkd.config import Config
 from odkd.distill import (
     BOX_DISTRIBUTIONS,
@@ -41,14 +41,7 @@ __all__ = ["DistillationTask", "build_distillation_task", "load_teacher"]
 
 def load_teacher(path: str, source: str = "odkd") -> SSD:
     """A frozen teacher in eval mode from an odkd model/training file or a published checkpoint."""
-    if source == "odkd":
-        teacher = load_model(path)
-    else:
-        from odkd.convert import import_checkpoint
-
-        teacher = import_checkpoint(read_torch_file(path), source)
-    teacher.eval().requires_grad_(False)
-    return teacher
+    return load_model(path, source).eval().requires_grad_(False)
 
 
 class DistillationTask(DetectionTask):

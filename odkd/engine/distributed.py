@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from odkd.device import select_device
 
-__all__ = ["DistInfo", "all_reduce_sum", "backend_for", "barrier", "setup_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "backend_for",
+    "barrier",
+    "broadcast_buffers",
+    "gather_to_main",
+    "setup_distributed",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,26 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(values)
     return values
+
+
+def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+    """The main process's buffers (BatchNorm statistics) into every process's ``module``. DDP keeps the
+    weights equal, but each process's last forward pass updated its statistics with its own batch (DDP
+    copies the main process's only at the next one): evaluated as they are, the processes would be
+    scoring different models."""
+    if info.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def gather_to_main(obj: T, info: DistInfo) -> list[T] | None:
+    """Every process's picklable ``obj`` on the main process, in rank order, in one collective call
+    (``[obj]`` for a single process); None on the other processes."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def barrier(info: DistInfo) -> None:

@@ -25,13 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from odkd.checkpoint import atomic_save, save_model
 from odkd.config import Config, EvalConfig, config_to_dict, save_config
 from odkd.data import DetectionDataset
-from odkd.engine.distributed import all_reduce_sum, barrier
+from odkd.engine.distributed import all_reduce_sum, barrier, broadcast_buffers, gather_to_main
 from odkd.engine.ema import ModelEMA
 from odkd.engine.trainer import HookBase, TrainingError, read_metrics
 from odkd.files import json_line
@@ -179,7 +180,9 @@ class ProgressHook(HookBase):
 
 class EvalHook(HookBase):
     """mAP of ``model()`` (the EMA weights when there are some) on ``test_set`` every ``every`` iterations
-    and at the last; the best is saved as ``out/best.pt``. Main process; the others wait."""
+    and at the last; the best is saved as ``out/best.pt``. Sharded: every process detects on its share of
+    the images, one gather brings the detections to the main process, which scores them (the same score as
+    one process's, images being scored in dataset order) while the others wait."""
 
     def __init__(
         self,
@@ -211,24 +214,26 @@ class EvalHook(HookBase):
         from odkd.eval import evaluate_dataset, format_result
         from odkd.inference import detect_dataset
 
-        trainer = self.trainer
-        if not trainer.info.is_main:
-            return None
+        trainer, info = self.trainer, self.trainer.info
         model, cfg = self.model(), self.settings
-        detections = detect_dataset(
+        broadcast_buffers(model, info)  # every process scores the main process's model
+        mine = detect_dataset(
             model,
             self.test_set,
             trainer.device,
             batch_size=cfg.batch_size,
             num_workers=self.num_workers,
-            progress=self.progress,
-            score_threshold=cfg.score_threshold,
-            nms_threshold=cfg.nms_threshold,
-            top_k=cfg.top_k,
-            max_detections=cfg.max_detections,
+            progress=self.progress and info.is_main,
+            settings=cfg.postprocess,
+            rank=info.rank,
+            world_size=info.world_size,
         )
-        result = evaluate_dataset(detections, self.test_set, cfg.metric)
         trainer.model.train()
+        shards = gather_to_main(mine, info)
+        if shards is None:
+            return None
+        detections = {index: found for shard in shards for index, found in shard.items()}
+        result = evaluate_dataset(detections, self.test_set, cfg.metric)
         log.info("iteration %d, %s mAP %.4f\n%s", trainer.iteration, cfg.metric, result.mAP, format_result(result))
         trainer.log({"iter": trainer.iteration, **result.to_json()})
         self.last_map = result.mAP
@@ -263,7 +268,8 @@ class CheckpointHook(HookBase):
         done = trainer.iteration == trainer.max_iters
         if trainer.info.is_main and (trainer.stopped or done or trainer.iteration % self.every == 0):
             state = trainer.state_dict()
-            if not all(t.isfinite().all() for t in state["task"].values() if t.is_floating_point()):
+            weights = [t for t in state["task"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if not all(t.isfinite().all() for t in weights):
                 # a checkpoint to resume from must be one that can train on
                 raise TrainingError(
                     f"the weights hold NaN/inf at iteration {trainer.iteration}, so no checkpoint is written; "

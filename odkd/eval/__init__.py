@@ -1,10 +1,12 @@
 """Detection evaluation: PASCAL VOC AP exactly as the official devkit computes it (:mod:`odkd.eval.voc`)
-and COCO AP through pycocotools (:mod:`odkd.eval.coco`), behind :func:`evaluate_dataset`."""
+and COCO AP through pycocotools (:mod:`odkd.eval.coco`), behind :func:`evaluate_dataset` (a model's
+per-image detections) and :func:`evaluate_results` (per-class detections, as result files hold them)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,24 +22,62 @@ from odkd.eval.coco import (
 from odkd.eval.voc import *  # noqa: F403  (the public API of odkd.eval.voc, listed in its __all__)
 from odkd.eval.voc import ClassDetections, VOCResult, evaluate, format_ap_table
 
+if TYPE_CHECKING:  # scoring needs no torch: the data package loads it
+    from odkd.data import DetectionDataset, ImageDetections
+
 __all__ = [
     *voc.__all__,
     "COCO_STATS",
     "COCOResult",
     "evaluate_coco",
     "evaluate_dataset",
+    "evaluate_results",
     "format_coco_table",
     "format_result",
+    "group_by_class",
     "read_coco_results",
     "write_coco_results",
 ]
 
 
+def group_by_class(detections: Mapping[int, ImageDetections], dataset: DetectionDataset) -> dict[str, ClassDetections]:
+    """Per-image detections (dataset index -> :class:`ImageDetections`, e.g. from
+    :func:`odkd.inference.detect_dataset`) as per-class ones, every class of ``dataset`` present. Images
+    are taken in dataset order, so the result does not depend on the order (or shards) they came in:
+    AP ranks equal scores in that order."""
+    per_class: dict[int, list] = {c: [] for c in range(1, len(dataset.class_names) + 1)}
+    for index in sorted(detections):
+        image_id = dataset.annotations[index].image_id
+        boxes, scores, labels = detections[index]
+        for label in np.unique(labels):
+            keep = labels == label
+            per_class[int(label)].append((image_id, scores[keep], boxes[keep]))
+    result = {}
+    for label, parts in per_class.items():
+        ids = np.array([image_id for image_id, scores, _ in parts for _ in range(len(scores))], dtype=str)
+        scores = np.concatenate([s for _, s, _ in parts]) if parts else np.zeros(0)
+        boxes = np.concatenate([b for _, _, b in parts]) if parts else np.zeros((0, 4))
+        result[dataset.class_names[label - 1]] = ClassDetections(
+            ids, scores.astype(np.float64), boxes.astype(np.float64)
+        )
+    return result
+
+
 def evaluate_dataset(
-    detections: Mapping[str, ClassDetections], dataset, metric: str = "voc07"
+    detections: Mapping[int, ImageDetections], dataset: DetectionDataset, metric: str = "voc07"
 ) -> VOCResult | COCOResult:
-    """Score ``detections`` (from :func:`odkd.inference.detect_dataset`) on ``dataset``: ``metric`` "voc07" or
-    "area" (devkit AP at IoU 0.5, any dataset) or "coco" (pycocotools, a COCO-format dataset)."""
+    """Score per-image ``detections`` (dataset index -> :class:`ImageDetections`, from
+    :func:`odkd.inference.detect_dataset`, every image of ``dataset``) on ``dataset``: grouped by class
+    (:func:`group_by_class`), then :func:`evaluate_results`."""
+    return evaluate_results(group_by_class(detections, dataset), dataset, metric)
+
+
+def evaluate_results(
+    detections: Mapping[str, ClassDetections], dataset: DetectionDataset, metric: str = "voc07"
+) -> VOCResult | COCOResult:
+    """Score per-class ``detections`` (class name -> :class:`ClassDetections` in the dataset's pixels, e.g.
+    read from result files) on ``dataset``: ``metric`` "voc07" or "area" (devkit AP at IoU 0.5, any
+    dataset) or "coco" (pycocotools, a COCO-format dataset)."""
     if metric == "coco":
         if not hasattr(dataset, "annotation_file"):
             raise ValueError("the coco metric needs a COCO-format dataset (data.format: coco)")

@@ -30,17 +30,19 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from odkd.data.dataset import Annotation
+if TYPE_CHECKING:  # scoring needs no torch: the data package loads it
+    from odkd.data.dataset import Annotation
 
 __all__ = [
     "METRICS",
     "ClassDetections",
     "VOCResult",
     "average_precision",
+    "devkit_image_set",
     "evaluate",
     "format_ap_table",
     "match_detections",
@@ -357,6 +359,15 @@ def format_ap_table(result: VOCResult) -> str:
 
 
 # --- devkit result files --------------------------------------------------------------------------
+
+
+def devkit_image_set(image_sets: str) -> str:
+    """The ``<image_set>`` of the result files of ``image_sets``: the set's name for one set
+    (``"2007_test"`` -> ``"test"``), the whole text for a union of sets."""
+    from odkd.data.voc import parse_image_sets  # here: scoring alone loads no torch
+
+    sets = parse_image_sets(image_sets)
+    return sets[0][1] if len(sets) == 1 else image_sets
 
 
 def results_path(results_dir: str | os.PathLike, image_set: str, class_name: str) -> Path:

@@ -19,8 +19,9 @@ from torch import nn
 from odkd.box_distribution import DEFAULT_MAX_EDGE
 from odkd.models.mobilenetv2 import MobileNetV2Backbone
 from odkd.models.pretrained import load_backbone_state
-from odkd.models.ssd import IMAGENET, SSD, PredictionHead, plain_head, separable_head
+from odkd.models.ssd import SSD, PredictionHead, plain_head, separable_head
 from odkd.models.vgg import LITE_EXTRAS, SSD300_EXTRAS, VGGBackbone, reduced_fc_state_dict
+from odkd.preprocessing import IMAGENET
 from odkd.priors import LAYOUTS
 
 __all__ = ["MODELS", "build_model"]
