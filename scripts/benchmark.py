@@ -313,17 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    from odkd.data import DatasetError
-    from odkd.engine import TrainingError
+    from odkd.engine.build import SCRIPT_ERRORS
 
     try:
         args.run(args)
-    except (
-        DatasetError,
-        TrainingError,
-        OSError,
-        ValueError,
-    ) as err:  # ConfigError, FileWriteError among them
+    except SCRIPT_ERRORS as err:
         sys.exit(f"error: {err}")
 
 
