@@ -20,17 +20,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 # The parser's choices (these import torch, so --help does too); the benchmarks are imported when they run.
 from odkd.eval import METRICS
-from odkd.models import MODELS
-from odkd.priors import LAYOUTS
+from odkd.model_names import MODEL_NAMES, PRIOR_LAYOUT_NAMES
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_teacher_synthetic.yaml"
 
 
 def print_loss(args: argparse.Namespace) -> None:
+    import torch
+
     from odkd.bench.loss import time_loss
     from odkd.bench.synthetic import random_targets
     from odkd.bench.timing import benchmark_devices
@@ -59,6 +59,8 @@ def print_loss(args: argparse.Namespace) -> None:
 
 
 def print_models(args: argparse.Namespace) -> None:
+    import torch
+
     from odkd.bench.models import profile_model
     from odkd.bench.timing import benchmark_devices
 
@@ -142,6 +144,8 @@ def print_loader(args: argparse.Namespace) -> None:
 
 def print_train(args: argparse.Namespace) -> None:
     """Training (or distillation) throughput, then the step's phases."""
+    import torch
+
     from odkd.bench.training import TrainingSetup, measure_training
 
     distill = args.benchmark == "distill"
@@ -186,6 +190,8 @@ def print_train(args: argparse.Namespace) -> None:
 
 
 def print_demo(args: argparse.Namespace) -> None:
+    import torch
+
     from odkd.bench.demo import train_demo
 
     run = train_demo(DEMO_CONFIG, args.iters, args.eval_every, args.output_dir, args.overrides, args.cpu)
@@ -203,6 +209,7 @@ def print_onnx(args: argparse.Namespace) -> None:
     """CPU inference as PyTorch eager float32, onnxruntime float32 and onnxruntime INT8, at each batch size
     and thread count: preprocessing, network, box decoding and softmax (no NMS)."""
     import onnxruntime
+    import torch
 
     from odkd.bench.onnx_latency import ONNX_FLOAT, benchmark_calibration, export_engines, time_engines
     from odkd.bench.timing import cpu_name
@@ -234,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--batch", type=int, default=32)
     loss.add_argument("--gt", type=int, default=10, help="GT boxes per image")
     loss.add_argument("--classes", type=int, default=21)
-    loss.add_argument("--layout", choices=sorted(LAYOUTS), default="ssd300")
+    loss.add_argument("--layout", choices=sorted(PRIOR_LAYOUT_NAMES), default="ssd300")
     loss.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     loss.add_argument("--iters", type=int, default=10)
     loss.add_argument("--warmup", type=int, default=2)
     loss.set_defaults(run=print_loss)
     models = sub.add_parser("models", help="parameters, GMACs and inference latency per architecture")
-    models.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    models.add_argument("--models", nargs="+", choices=sorted(MODEL_NAMES), default=list(MODEL_NAMES))
     models.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     models.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     models.add_argument("--iters", type=int, default=5)
@@ -252,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     voc_eval.add_argument("--metric", choices=METRICS, default="voc07")
     voc_eval.add_argument("--seed", type=int, default=0)
     voc_eval.add_argument("--iters", type=int, default=5)
-    voc_eval.add_argument("--model", choices=sorted(MODELS), help="end to end: evaluate this (random) detector")
+    voc_eval.add_argument("--model", choices=sorted(MODEL_NAMES), help="end to end: evaluate this (random) detector")
     voc_eval.add_argument("--checkpoint", help="end to end: evaluate this model file")
     voc_eval.add_argument("--batch", type=int, default=64, help="end to end: batch size")
     voc_eval.add_argument("--workers", type=int, default=8, help="end to end: loader workers")
@@ -269,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     loader.set_defaults(run=print_loader)
     for name, text in (("train", "training throughput"), ("distill", "distillation throughput")):
         train = sub.add_parser(name, help=f"{text}: images/s, peak GPU memory, time per phase (synthetic data)")
-        train.add_argument("--model", choices=sorted(MODELS), default="mobilenetv2_ssdlite300")
+        train.add_argument("--model", choices=sorted(MODEL_NAMES), default="mobilenetv2_ssdlite300")
         train.add_argument("--width", type=float, default=1.0, help="width multiplier (MobileNetV2)")
         train.add_argument("--batch", type=int, default=64, help="per process")
         train.add_argument("--iters", type=int, default=50, help="timed iterations")
@@ -287,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--gt-padding", choices=["auto", "batch", "dataset"], default="auto", help="data.gt_padding")
         train.add_argument("--cache", action="store_true", help="read decoded images from data.cache_dir")
         if name == "distill":
-            train.add_argument("--teacher-model", choices=sorted(MODELS), default="vgg16_lite300")
+            train.add_argument("--teacher-model", choices=sorted(MODEL_NAMES), default="vgg16_lite300")
             train.add_argument("--methods", nargs="+", default=["chen2017"])
         train.set_defaults(run=print_train)
     demo = sub.add_parser("demo", help="train the CPU demo to convergence, report mAP and wall time")
