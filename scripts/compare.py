@@ -41,9 +41,7 @@ def main() -> None:
 
     from odkd.compare import Arm, Experiment, load_experiment, run_experiment, write_report
     from odkd.config import ConfigError
-    from odkd.data import DatasetError
-    from odkd.engine import TrainingError
-    from odkd.engine.build import setup_logging
+    from odkd.engine.build import SCRIPT_ERRORS, setup_logging
     from odkd.engine.distributed import setup_distributed
 
     try:
@@ -67,12 +65,7 @@ def main() -> None:
         info = setup_distributed(args.device)
         setup_logging(info)
         result = run_experiment(experiment, args.device, progress=True, fresh=args.fresh, arms=args.only)
-    except (
-        DatasetError,
-        TrainingError,
-        OSError,
-        ValueError,
-    ) as err:  # ConfigError, FileWriteError among them
+    except SCRIPT_ERRORS as err:
         sys.exit(f"error: {err}")
     if info.is_main:
         paths = write_report(result, picture=not args.no_picture)

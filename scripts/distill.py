@@ -35,9 +35,7 @@ def main() -> None:
     overrides = [*args.overrides, *([f"distill.teacher={args.teacher}"] if args.teacher else [])]
 
     from odkd.config import load_config
-    from odkd.data import DatasetError
-    from odkd.engine import TrainingError
-    from odkd.engine.build import run_training, summary
+    from odkd.engine.build import SCRIPT_ERRORS, run_training, summary
 
     try:
         cfg = load_config(args.config, overrides)
@@ -50,12 +48,7 @@ def main() -> None:
             hint = " (train it first: python scripts/train_teacher.py)" if args.config == DEFAULT_CONFIG else ""
             raise FileNotFoundError(f"teacher {cfg.distill.teacher} does not exist{hint}")
         result, info = run_training(cfg, args.resume, args.device, overwrite=args.overwrite)
-    except (
-        DatasetError,
-        TrainingError,
-        OSError,
-        ValueError,
-    ) as err:  # ConfigError, FileWriteError among them
+    except SCRIPT_ERRORS as err:
         sys.exit(f"error: {err}")
     if info.is_main:
         headline = (

@@ -17,7 +17,8 @@
 #     --budget S     seconds for everything (default 540); each stage gets what the later ones leave it
 #     --stages LIST  the stages to run, e.g. 2 or 23 (default 123): a rerun of a failed part
 #     --work DIR     benchmark data, the wheels' install folder, the runs (default runs/gpu_check)
-#     --dry-run      on the CPU at tiny sizes (small models stand in for VGG16): every step but the GPU
+#     --dry-run      on the CPU at tiny sizes (small models stand in for VGG16): every step but the GPU (and
+#                    the teacher's throughput, whose stand-in would repeat the student's command)
 #     --print        print the commands of the stages (the GPU's unless --dry-run) and run none of them
 #     section.key=value   overrides for stage 3's runs (the dry run's stand-in data)
 set -uo pipefail # not -e: a failed stage or command is recorded and the next one runs
@@ -86,7 +87,7 @@ run() {
     return $rc
 }
 
-# The machine and the packages: nvidia-smi, the wheels where packages are missing, torch's view of the GPU.
+# The machine and the packages: nvidia-smi, the wheels where packages are missing.
 setup() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader >>"$log" 2>&1
@@ -106,12 +107,6 @@ sys.exit(not all(map(u.find_spec, sys.argv[1:])))" albumentations albucore pydan
     else
         say "no .whl/ folder: wheel install skipped (albumentations or pycocotools missing: stages will fail)"
     fi
-    "$py" -c "import torch, torchvision, os
-cuda = torch.cuda.is_available()
-name = torch.cuda.get_device_name() if cuda else 'no CUDA device'
-bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-print(f'device: {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, '
-      f'CUDA {torch.version.cuda}, bf16 {bf16}, {os.cpu_count()} CPUs')" 2>&1 | tee -a "$log"
 }
 
 echo "gpu_check.sh$([ $dry = 1 ] && echo ' dry run'): budget $budget s, stages $stages" >"$log"
@@ -123,11 +118,11 @@ say "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$changes"
 cpus=$(nproc)
 workers=$((cpus > 5 ? cpus - 4 : 1)) # the trainer's process, its pinning thread and the GPU busy sampler need cores
 if [ $dry = 1 ]; then
-    # Tiny sizes on the CPU; MobileNetV2 stands in for the VGG16 models (one VGG16 step takes ~20 s on 2 cores).
+    # Tiny sizes on the CPU; MobileNetV2 stands in for the VGG16 models (one VGG16 step takes ~20 s on 2 cores), so
+    # the teacher's throughput would be the student's command again: not run.
     device=(--device cpu) workers=0 train_images=4 eval_images=4 iters=(--iters 1 --warmup 1) batch=2
-    teacher_model=(--model mobilenetv2_ssdlite300 --width 0.5) distill_teacher=mobilenetv2_ssdlite300
-    student_model=(--model mobilenetv2_ssdlite300 --width 0.5)
-    teacher_iters=() student_iters=() distill_iters=()
+    distill_teacher=mobilenetv2_ssdlite300 student_model=(--model mobilenetv2_ssdlite300 --width 0.5)
+    student_iters=() distill_iters=()
     real_sizes=(data.batch_size=2 eval.batch_size=4 train.log_every=1) plan_iters=(--iters 2) picture=(--no-picture)
 else
     # Timed iterations for ~15-20 s of loop at issue 8's goals (1,500 / 3,000 / 2,000 images/s at batch 64),
@@ -140,13 +135,21 @@ else
 fi
 say "$cpus CPUs: $workers loader workers"
 
-# Stage 2's synthetic JPEGs (~10-15 ms each: a minute for the 4,952 of the evaluation) are written in the
-# background while the tests run; benchmark.py finds them made with its arguments and uses them.
-if want 2 && [ $print = 0 ]; then
-    "$py" -c "import sys; from odkd.data.synthetic import make_synthetic_voc
-make_synthetic_voc(sys.argv[1], {'trainval': int(sys.argv[2])}, min_size=375, max_size=500)
-make_synthetic_voc(sys.argv[3], {'test': int(sys.argv[4])}, min_size=375, max_size=500)" \
-        "$work/bench_train" $train_images "$work/bench_eval" $eval_images >>"$log" 2>&1 &
+# torch's view of the GPU, then stage 2's synthetic JPEGs (~10-15 ms each: a minute for the 4,952 of the evaluation),
+# from one Python process in the background while the tests run: its imports (seconds) hold up no stage. benchmark.py
+# finds the images made with its arguments and uses them.
+if [ $print = 0 ]; then
+    images=() && want 2 && images=("$work/bench_train" "$train_images" "$work/bench_eval" "$eval_images")
+    "$py" -c "import os, sys, torch, torchvision
+cuda = torch.cuda.is_available()
+name = torch.cuda.get_device_name() if cuda else 'no CUDA device'
+bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+print(f'device: {name}, torch {torch.__version__}, torchvision {torchvision.__version__}, '
+      f'CUDA {torch.version.cuda}, bf16 {bf16}, {os.cpu_count()} CPUs', flush=True)
+if sys.argv[1:]:
+    from odkd.bench.synthetic import write_benchmark_images
+    write_benchmark_images(sys.argv[1], 'trainval', int(sys.argv[2]))
+    write_benchmark_images(sys.argv[3], 'test', int(sys.argv[4]))" "${images[@]}" 2>&1 | tee -a "$log" &
 fi
 
 status=0 # the script's exit status: 1 if a stage failed
@@ -177,7 +180,11 @@ if want 2; then
         fi
         run "$name" "$limit" "$out/2_throughput.log" "$@" || rc=$?
     }
-    measure teacher 30 "${bench[@]}" train "${teacher_model[@]}" "${train[@]}" "${teacher_iters[@]}"
+    if [ $dry = 0 ]; then
+        measure teacher 30 "${bench[@]}" train "${teacher_model[@]}" "${train[@]}" "${teacher_iters[@]}"
+    else
+        say "teacher: not run in the dry run (its stand-in is the student's command)"
+    fi
     measure student 30 "${bench[@]}" train "${student_model[@]}" "${train[@]}" "${student_iters[@]}"
     measure distill 30 "${bench[@]}" distill "${student_model[@]}" --teacher-model $distill_teacher \
         --methods "${methods[@]}" "${train[@]}" "${distill_iters[@]}"
@@ -218,6 +225,7 @@ if want 3; then
 fi
 
 real_report=() && want 3 && real_report=(--compare "$work/voc5_real/compare.json")
+wait # the device line (stage 2 waited for it; --stages without 2 did not)
 [ $print = 1 ] || "$py" scripts/gpu_check.py summary "$out" "${real_report[@]}" 2>&1 | tee -a "$log"
 say "done in $SECONDS s"
 exit $status

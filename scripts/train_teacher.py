@@ -31,9 +31,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
 
     from odkd.config import load_config
-    from odkd.data import DatasetError
-    from odkd.engine import TrainingError
-    from odkd.engine.build import run_training, summary
+    from odkd.engine.build import SCRIPT_ERRORS, run_training, summary
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -43,12 +41,7 @@ def main() -> None:
                 f"python scripts/distill.py --config {args.config}"
             )
         result, info = run_training(cfg, args.resume, args.device, overwrite=args.overwrite)
-    except (
-        DatasetError,
-        TrainingError,
-        OSError,
-        ValueError,
-    ) as err:  # ConfigError, FileWriteError among them
+    except SCRIPT_ERRORS as err:
         sys.exit(f"error: {err}")
     if info.is_main:
         print(summary(cfg, result, cfg.model.name))

@@ -1,30 +1,34 @@
 """Shared test helpers."""
 
-import importlib.util
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module, to call in-process (a subprocess spends seconds importing torch)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _run(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, f"scripts/{name}", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
 def run_script():
     """Run ``python scripts/<name> args...`` from the repository root; returns the CompletedProcess."""
+    return _run
 
-    def run(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        command = [sys.executable, f"scripts/{name}", *map(str, args)]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+@pytest.fixture
+def run_scripts():
+    """Run several ``(name, *args)`` scripts at once; returns their CompletedProcesses in order. Each spends
+    seconds importing torch before it does anything: side by side they share the cores instead of queueing."""
+
+    def run(*calls: Sequence, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(lambda call: _run(*call, timeout=timeout), calls))
 
     return run

@@ -24,7 +24,6 @@ from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
 from odkd.priors import build_priors
-from tests.conftest import load_script
 
 CLASSES = ("cat", "dog")
 
@@ -286,25 +285,33 @@ def test_synthetic_dataset_is_voc_and_deterministic(tmp_path):
     assert (a / "Annotations/000003.xml").read_bytes() != (c / "Annotations/000003.xml").read_bytes()
 
 
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"splits": {"trainval": -3, "test": 2}}, "split 'trainval' needs at least 1 image, got -3"),
-        ({"min_size": 400, "max_size": 100}, "min_size 400 is above max_size 100"),
-        ({"min_size": 2, "max_size": 100}, r"min_size must be at least 6 pixels \(an object's side\), got 2"),
-        ({"year": "MY_DATA"}, "year 'MY_DATA' must be a non-empty name without _"),
-    ],
-)
-def test_synthetic_settings_that_make_no_dataset_are_refused(tmp_path, capsys, settings, message):
+# Settings that make no dataset, and why.
+REFUSED_SETTINGS = [
+    ({"splits": {"trainval": -3, "test": 2}}, "split 'trainval' needs at least 1 image, got -3"),
+    ({"min_size": 400, "max_size": 100}, "min_size 400 is above max_size 100"),
+    ({"min_size": 2, "max_size": 100}, r"min_size must be at least 6 pixels \(an object's side\), got 2"),
+    ({"year": "MY_DATA"}, "year 'MY_DATA' must be a non-empty name without _"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), REFUSED_SETTINGS)
+def test_synthetic_settings_that_make_no_dataset_are_refused(tmp_path, settings, message):
     for make in (make_synthetic_voc,) if "year" in settings else (make_synthetic_voc, make_synthetic_coco):
         with pytest.raises(ValueError, match=message):
             make(tmp_path, **{"splits": {"trainval": 2}, **settings})
     assert not any(tmp_path.iterdir())  # refused before writing anything
-    sizes = settings.get("splits", {}).get("trainval", 2), settings.get("min_size", 240), settings.get("max_size", 360)
-    argv = ["--root", tmp_path, "--trainval", sizes[0], "--min-size", sizes[1], "--max-size", sizes[2]]
-    with pytest.raises(SystemExit) as exited:  # a usage error, exit 2
-        load_script("make_synthetic_voc").main([str(a) for a in (*argv, "--year", settings.get("year", "SYN"))])
-    assert exited.value.code == 2 and re.search(f"\\.py: error: .*{message}", capsys.readouterr().err)
+
+
+def test_synthetic_data_script_refuses_them_as_usage_errors(tmp_path, run_scripts):
+    calls = []
+    for settings, _ in REFUSED_SETTINGS:
+        trainval = settings.get("splits", {}).get("trainval", 2)
+        sizes = settings.get("min_size", 240), settings.get("max_size", 360)
+        calls.append(("make_synthetic_voc.py", "--root", tmp_path, "--trainval", trainval, "--min-size", sizes[0],
+                      "--max-size", sizes[1], "--year", settings.get("year", "SYN")))  # fmt: skip
+    for (_, message), done in zip(REFUSED_SETTINGS, run_scripts(*calls), strict=True):
+        assert done.returncode == 2 and re.search(f"\\.py: error: .*{message}", done.stderr), done.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_an_interrupted_synthetic_rewrite_is_redone(tmp_path):

@@ -1,7 +1,5 @@
 """The distillation task: pairing teacher and student, freezing the teacher, and distill.py end to end."""
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,6 @@ from odkd.engine.trainer import begin_compiled_step, read_metrics
 from odkd.matching import map_priors
 from odkd.models import build_model
 from odkd.priors import build_priors
-from tests.conftest import load_script
 
 
 def test_map_priors_by_hand():
@@ -251,28 +248,22 @@ def test_distill_script_exports_the_student_only(tmp_path, run_script):
     assert missing.returncode == 1 and "teacher" in missing.stderr and "does not exist" in missing.stderr
 
 
-def test_a_teacher_file_that_is_not_a_model_is_named_in_one_line(tmp_path, monkeypatch):
+def test_a_teacher_file_that_is_not_a_model_is_named_in_one_line(tmp_path, run_scripts):
     """A text file, or a model file cut short, as the teacher: torch.load's traceback before."""
     make_synthetic_voc(tmp_path / "voc", {"trainval": 4, "test": 2}, min_size=60, max_size=80)
     (tmp_path / "teacher.txt").write_text("not a model\n")
     save_model(build_model("mobilenetv2_ssdlite300", num_classes=6, width_mult=0.5), tmp_path / "full.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:100_000])
-    script = load_script("distill")
-    for teacher, source in (
-        (tmp_path / "teacher.txt", "odkd"),
-        (tmp_path / "cut.pt", "odkd"),
-        (tmp_path / "cut.pt", "qfgaohao"),
-    ):
-        argv = [
-            "distill.py", "--teacher", teacher, "--device", "cpu", f"distill.teacher_source={source}",
-            f"data.voc_root={tmp_path / 'voc'}", "data.synthetic=false", f"train.output_dir={tmp_path / 'run'}",
-        ]  # fmt: skip
-        monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
-        with pytest.raises(SystemExit) as exited:
-            script.main()
-        line = exited.value.code
+    teachers = [(tmp_path / "teacher.txt", "odkd"), (tmp_path / "cut.pt", "odkd"), (tmp_path / "cut.pt", "qfgaohao")]
+    refused = run_scripts(*(  # side by side: each in its own run folder
+        ("distill.py", "--teacher", teacher, "--device", "cpu", f"distill.teacher_source={source}",
+         f"data.voc_root={tmp_path / 'voc'}", "data.synthetic=false", f"train.output_dir={tmp_path / f'run{i}'}")
+        for i, (teacher, source) in enumerate(teachers)
+    ))  # fmt: skip
+    for (teacher, _), done in zip(teachers, refused, strict=True):
+        line = done.stderr.strip()
         expected = f"error: {teacher}: not a PyTorch file that loads: truncated, damaged or another kind of file"
-        assert line.startswith(f"{expected} (torch.load: ") and "\n" not in line, line
+        assert done.returncode == 1 and line.startswith(f"{expected} (torch.load: ") and "\n" not in line, line
 
 
 class ToyFeatureMatch(Distiller):

@@ -18,7 +18,6 @@ from odkd.export import DeployedDetector, export_onnx, onnx_program
 from odkd.models import build_model
 from odkd.postprocess import nms_rows, postprocess_flat
 from odkd.postprocess_settings import PostprocessSettings
-from tests.conftest import load_script
 
 
 def run_onnx(path, images: torch.Tensor, **inputs: torch.Tensor) -> list[np.ndarray]:
@@ -99,7 +98,7 @@ def test_export_script(tmp_path, run_script):
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
-def test_int8_export_script(tmp_path, run_script, capsys):
+def test_int8_export_script(tmp_path, run_script, run_scripts):
     torch.manual_seed(0)
     save_model(build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5), tmp_path / "student.pt")
     folder = tmp_path / "images"
@@ -115,22 +114,21 @@ def test_int8_export_script(tmp_path, run_script, capsys):
     assert metadata["precision"] == "int8"
     assert json.loads(metadata["quantization"])["calibration"]["images"] == 2
 
-    # Bad arguments (usage error, exit 2) and calibration data (one line "error: ..."), in-process.
-    script = load_script("export_onnx")
+    # Bad arguments (usage error, exit 2) and calibration data (one line "error: ...", exit 1).
     (tmp_path / "empty").mkdir()
     nowhere, empty, config = tmp_path / "nowhere", tmp_path / "empty", tmp_path / "none.yaml"
-    for args, message in (
+    cases = [
         (["--int8"], "--int8 needs calibration images"),
         (["--calibration-images", folder], "calibrate an --int8 export"),
         (["--int8", "--calibration", 0, "--calibration-images", folder], "--calibration must be at least 1"),
         (["--int8", "--calibration-images", nowhere], f"error: calibration folder {nowhere} does not exist"),
         (["--int8", "--calibration-images", empty], f"error: calibration folder {empty} holds no images"),
         (["--int8", "--calibration-config", config], f"error: config file {config} does not exist"),
-    ):
-        with pytest.raises(SystemExit) as exited:
-            script.main([str(a) for a in (*common, *args)])
-        code = exited.value.code
-        assert message in (code if isinstance(code, str) else capsys.readouterr().err), code
+    ]
+    refused = run_scripts(*(("export_onnx.py", *common, *args) for args, _ in cases))
+    for (args, message), done in zip(cases, refused, strict=True):
+        assert done.returncode == (1 if message.startswith("error: ") else 2), (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
 
 
 @pytest.mark.parametrize("name", ["vgg16_ssd300", "mobilenetv2_ssdlite320"])

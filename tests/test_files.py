@@ -3,7 +3,6 @@
 import json
 import os
 import stat
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from odkd.data.image_cache import ImageCache
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.files import atomic_write, check_output_path, json_line
 from odkd.models import build_model
-from tests.conftest import load_script
 
 
 def test_output_paths_blocked_by_a_file_or_a_folder(tmp_path):
@@ -40,40 +38,27 @@ def test_output_paths_blocked_by_a_file_or_a_folder(tmp_path):
     assert str(err.value) == f"out {tmp_path / 'folder'} is a folder: give a file name"
 
 
-def exit_line(main, argv: list, monkeypatch=None) -> str:
-    """The message a script's main exits with (``argv`` as its arguments, or as sys.argv for a main that
-    takes none)."""
-    with pytest.raises(SystemExit) as exited:
-        if monkeypatch is None:
-            main([str(a) for a in argv])
-        else:
-            monkeypatch.setattr(sys, "argv", ["script", *map(str, argv)])
-            main()
-    return exited.value.code
-
-
-def test_scripts_refuse_an_output_path_under_a_file_at_start(tmp_path, monkeypatch):
+def test_scripts_refuse_an_output_path_under_a_file_at_start(tmp_path, run_scripts):
     """Each stopped at the end of its work (a training run's first write, an export's minute of tracing,
     a whole evaluation) with an OS error, or a traceback."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     torch.manual_seed(0)
-    save_model(build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5), tmp_path / "m.pt")
-    under = blocker / "out"
-    line = exit_line(load_script("train_teacher").main, [f"train.output_dir={under}"], monkeypatch)
-    assert line == f"error: train.output_dir {under}: {blocker} is a file, not a folder"
-    line = exit_line(load_script("export_onnx").main, ["--checkpoint", tmp_path / "m.pt", "--output", under])
-    assert line == f"error: --output {under}: {blocker} is a file, not a folder"
-    line = exit_line(load_script("export_onnx").main, ["--checkpoint", tmp_path / "m.pt", "--output", tmp_path])
-    assert line == f"error: --output {tmp_path} is a folder: give a file name"
-    common = ["--checkpoint", tmp_path / "m.pt", "--voc-root", tmp_path, "--year", "2007", "--image-set", "test"]
-    line = exit_line(load_script("evaluate").main, [*common, "--output-json", under])
-    assert line == f"error: --output-json {under}: {blocker} is a file, not a folder"
-    line = exit_line(load_script("evaluate").main, [*common, "--detections", blocker])
-    assert line == f"error: --detections {blocker}: {blocker} is a file, not a folder"
-    demo = ["--checkpoint", tmp_path / "m.pt", "--input", tmp_path, "--output", blocker]
-    line = exit_line(load_script("demo").main, demo, monkeypatch)
-    assert line == f"error: --output {blocker}: {blocker} is a file, not a folder"
+    model, under, not_folder = tmp_path / "m.pt", blocker / "out", f"{blocker} is a file, not a folder"
+    save_model(build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5), model)
+    common = ["--checkpoint", model, "--voc-root", tmp_path, "--year", "2007", "--image-set", "test"]
+    cases = [
+        (("train_teacher.py", f"train.output_dir={under}"), f"train.output_dir {under}: {not_folder}"),
+        (("export_onnx.py", "--checkpoint", model, "--output", under), f"--output {under}: {not_folder}"),
+        (("export_onnx.py", "--checkpoint", model, "--output", tmp_path),
+         f"--output {tmp_path} is a folder: give a file name"),
+        (("evaluate.py", *common, "--output-json", under), f"--output-json {under}: {not_folder}"),
+        (("evaluate.py", *common, "--detections", blocker), f"--detections {blocker}: {not_folder}"),
+        (("demo.py", "--checkpoint", model, "--input", tmp_path, "--output", blocker),
+         f"--output {blocker}: {not_folder}"),
+    ]  # fmt: skip
+    for (call, message), done in zip(cases, run_scripts(*(call for call, _ in cases)), strict=True):
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == f"error: {message}", (call, done.stderr)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])

@@ -1,8 +1,6 @@
 """scripts/gpu_check.sh, the first GPU run's one command: its dry run on the CPU goes through every stage at tiny
 sizes, so that on the GPU machine only the GPU itself is new; its options; the real-photo stage's sizing."""
 
-import argparse
-import importlib.util
 import json
 import os
 import re
@@ -17,17 +15,19 @@ from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.compare import load_experiment
 from odkd.config import load_config
 from odkd.data.synthetic import make_synthetic_voc
-from tests.conftest import ROOT, load_script
+from odkd.gpu_check import (
+    COST_DISTILLED,
+    FALLBACK_IMAGES_PER_S,
+    GOALS,
+    ONCE_OVERHEAD_S,
+    RUN_OVERHEAD_S,
+    SPEED_DISCOUNT,
+    plan_experiment,
+)
+from tests.conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 EXPERIMENT = ROOT / "configs" / "compare_voc5_real.yaml"
-
-
-def load_helper():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpu_check(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -59,11 +59,12 @@ def test_dry_run_goes_through_every_stage_and_leaves_its_files(tmp_path):
     counts = re.findall(r"^(\d+) skipped, \d+ deselected in", (out / "1_tests.log").read_text(), re.M)
     assert counts and int(counts[0]) > 0
 
-    # Stage 2: each command's images/s and phase times, read into summary.json.
+    # Stage 2: each command's images/s and phase times, read into summary.json. No torch.compile on the CPU, and
+    # no teacher: its stand-in would be the student's command again.
     summary = json.loads((out / "summary.json").read_text())
     throughput = summary["throughput"]
-    assert list(throughput) == ["teacher", "student", "distill", "eval"]  # no torch.compile on the CPU
-    for name in ("teacher", "student", "distill"):
+    assert list(throughput) == ["student", "distill", "eval"] and "teacher: not run in the dry run" in main_log
+    for name in ("student", "distill"):
         numbers = throughput[name]
         assert numbers["exit"] == 0 and numbers["images_per_s"] > 0 and numbers["step_ms"] > 0, name
         assert set(numbers["phases"]) == {"data wait", "forward", "matching + loss", "backward", "optimizer"}
@@ -71,8 +72,8 @@ def test_dry_run_goes_through_every_stage_and_leaves_its_files(tmp_path):
     methods = " ".join(m.strip() for m in distill_line.split(","))  # the experiment's best-measured method
     assert f"--methods {methods} " in throughput["distill"]["command"]
     assert throughput["eval"]["eval_total_s"] > 0 and throughput["eval"]["exit"] == 0
-    goals = load_helper().GOALS  # images/s and GPU busy share per training command, and the evaluation's seconds
-    assert len(summary["goals"]) == 2 * len(goals) + 1
+    # images/s and GPU busy share per training command, and the evaluation's seconds
+    assert len(summary["goals"]) == 2 * len(GOALS) + 1
     assert all(isinstance(goal["met"], bool) for goal in summary["goals"].values())
 
     # Stage 3: the teacher, the student alone and distilled, per-class AP and the teacher-student gap.
@@ -106,7 +107,7 @@ def test_options_are_checked():
     assert "--dry-run" in gpu_check("--help").stdout
 
 
-def test_printed_gpu_commands_are_valid(tmp_path):
+def test_printed_gpu_commands_are_valid(tmp_path, run_scripts):
     """The dry run swaps the VGG16 models and the sizes for small ones: the GPU's own command lines, printed,
     must parse (the benchmarks') and hold the stages' essentials."""
     done = gpu_check("--print", "--work", tmp_path / "work", tmp_path / "out")
@@ -115,23 +116,29 @@ def test_printed_gpu_commands_are_valid(tmp_path):
     assert list(commands) == ["tests", "teacher", "student", "distill", "eval", "student_compile", "distill_compile",
                               "teacher_compile", "plan", "compare"]  # fmt: skip
     assert commands["tests"].endswith("-m pytest -q -m cuda -p no:cacheprovider --durations=15 tests")
-    parser = load_script("benchmark").build_parser()
-    parsed = {
-        name: parser.parse_args(shlex.split(line)[2:]) for name, line in commands.items() if "benchmark.py" in line
-    }
-    assert parsed["teacher"].model == "vgg16_ssd300" and parsed["distill"].teacher_model == "vgg16_lite300"
-    assert parsed["eval"].images == 4952 and all(args.batch == 64 for args in parsed.values())
-    assert all(args.cache and args.device is None for name, args in parsed.items() if name != "eval")
-    assert [name for name, args in parsed.items() if getattr(args, "compile", False)] == [
-        "student_compile",
-        "distill_compile",
-        "teacher_compile",
-    ]
+    bench = {name: shlex.split(line)[2:] for name, line in commands.items() if "benchmark.py" in line}
+    for name in ("teacher", "student", "distill"):  # the same commands, compiled
+        assert bench[f"{name}_compile"] == [*bench[name], "--compile"], name
+    # Each subcommand's lines parse: the only error benchmark.py finds is the unknown option put last, which it
+    # reports after reading everything else (and before running anything). The student's lines differ from the
+    # teacher's only in values of the kinds the dry run's lines hold (a model name, an iteration count).
+    probed = ["teacher_compile", "distill_compile", "eval"]
+    probes = run_scripts(*(("benchmark.py", *bench[name], "--probe") for name in probed))
+    for name, probe in zip(probed, probes, strict=True):
+        assert probe.returncode == 2, (name, probe.stderr)
+        assert probe.stderr.strip().endswith("error: unrecognized arguments: --probe"), (name, probe.stderr)
+
+    def value(name: str, option: str) -> str:
+        return bench[name][bench[name].index(option) + 1]
+
+    assert value("teacher", "--model") == "vgg16_ssd300" and value("distill", "--teacher-model") == "vgg16_lite300"
+    assert value("eval", "--images") == "4952" and all(value(name, "--batch") == "64" for name in bench)
+    assert all("--device" not in args for args in bench.values())
+    assert all("--cache" in args for name, args in bench.items() if name != "eval")
     assert "configs/compare_voc5_real.yaml" in commands["plan"] and "voc5_real.yaml" in commands["compare"]
 
 
 def test_real_photo_plan_fits_the_seconds_at_the_measured_speed(tmp_path):
-    helper = load_helper()
     log = tmp_path / "2_throughput.log"
     log.write_text("### student: benchmark.py train\nend to end, the trainer's loop: 3200.0 images/s in total\n")
     experiment = load_experiment(EXPERIMENT)
@@ -140,21 +147,21 @@ def test_real_photo_plan_fits_the_seconds_at_the_measured_speed(tmp_path):
 
     def plan(seconds, log_file, iters=None):
         """The iterations planned per run, and the runs' specs."""
-        args = argparse.Namespace(experiment=EXPERIMENT, seconds=seconds, throughput_log=log_file, iters=iters,
-                                  write=tmp_path / "plan.yaml", output_dir=str(tmp_path / "runs"),
-                                  overrides=[])  # fmt: skip
-        planned = helper.plan_experiment(args)
-        assert yaml.safe_load((tmp_path / "plan.yaml").read_text()) == planned  # a file compare.py reads
-        assert planned["seeds"] == experiment.seeds[:1] and planned["output_dir"] == str(tmp_path / "runs")
-        runs = {"teacher": planned["teacher"], **planned["arms"]}
-        lengths = {name: re.search(r"optim.max_iters=(\d+)", str(spec["overrides"])) for name, spec in runs.items()}
-        return {name: int(found.group(1)) for name, found in lengths.items()}, runs
+        planned = plan_experiment(EXPERIMENT, seconds, log_file, str(tmp_path / "runs"), iters)
+        planned.write(tmp_path / "plan.yaml")
+        written = planned.experiment
+        assert yaml.safe_load((tmp_path / "plan.yaml").read_text()) == written  # a file compare.py reads
+        assert written["seeds"] == experiment.seeds[:1] and written["output_dir"] == str(tmp_path / "runs")
+        runs = {"teacher": written["teacher"], **written["arms"]}
+        lengths = {name: run.iterations for name, run in planned.runs.items()}
+        assert all(f"optim.max_iters={lengths[name]}" in spec["overrides"] for name, spec in runs.items())
+        return lengths, runs
 
     def seconds_spent(iterations, images_per_s):
         """What the plan expects the comparison to take: the overheads and each run's images at its cost."""
-        return helper.ONCE_OVERHEAD_S + sum(
-            helper.RUN_OVERHEAD_S + n * configs[name].data.batch_size
-            * (helper.COST_DISTILLED if configs[name].distill is not None else 1.0) / images_per_s
+        return ONCE_OVERHEAD_S + sum(
+            RUN_OVERHEAD_S + n * configs[name].data.batch_size
+            * (COST_DISTILLED if configs[name].distill is not None else 1.0) / images_per_s
             for name, n in iterations.items()
         )  # fmt: skip
 
@@ -162,7 +169,7 @@ def test_real_photo_plan_fits_the_seconds_at_the_measured_speed(tmp_path):
         """At most an iteration per run: what rounding the iterations may add or take."""
         return seconds_spent(dict.fromkeys(arms, 1), images_per_s) - seconds_spent(dict.fromkeys(arms, 0), images_per_s)
 
-    speed = helper.SPEED_DISCOUNT * 3200
+    speed = SPEED_DISCOUNT * 3200
     for seconds in (400, 800):
         n, runs = plan(seconds, log)
         assert seconds_spent(n, speed) == pytest.approx(seconds, abs=rounding(speed))
@@ -178,6 +185,6 @@ def test_real_photo_plan_fits_the_seconds_at_the_measured_speed(tmp_path):
         assert {f"optim.warmup_iters={warmup}", f"train.eval_every={n[name]}"} <= set(spec["overrides"])
     # Nothing measured: a cautious speed; a dry run: the iterations given.
     guessed, _ = plan(400, tmp_path / "missing.log")
-    fallback = helper.FALLBACK_IMAGES_PER_S
+    fallback = FALLBACK_IMAGES_PER_S
     assert seconds_spent(guessed, fallback) == pytest.approx(400, abs=rounding(fallback))
     assert set(plan(400, log, iters=2)[0].values()) == {2}

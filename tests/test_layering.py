@@ -74,22 +74,7 @@ def test_odkd_modules_import_each_other_without_cycles():
         pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="builds its parser from torch modules (odkd.priors, odkd.models) and subclasses a trainer "
-                "hook at import; left to its rewrite",
-            ),
-        )
-        if name == "benchmark.py"
-        else name
-        for name in SCRIPTS
-    ],
-)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_answer_help_without_torch(script):
     command = [sys.executable, "-c", _HELP, f"scripts/{script}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -9,12 +9,12 @@ import torchvision
 
 from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
 from odkd.files import FileWriteError
-from odkd.model_names import MODEL_NAMES
+from odkd.model_names import MODEL_NAMES, PRIOR_LAYOUT_NAMES
 from odkd.models import MODELS, build_model
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
 from odkd.preprocessing import IMAGENET, Preprocessing
-from odkd.priors import build_priors
+from odkd.priors import LAYOUTS, build_priors
 
 
 def n_params(model):
@@ -40,6 +40,7 @@ ARCHS = {
 
 def test_model_names_are_the_architectures_built():
     assert tuple(MODELS) == MODEL_NAMES == tuple(ARCHS)
+    assert tuple(LAYOUTS) == PRIOR_LAYOUT_NAMES
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -16,7 +16,7 @@ from torch import nn
 
 from odkd.checkpoint import ModelFileError, init_from_checkpoint
 from odkd.config import Config, scaled_lr
-from odkd.data import DetectionDataset, VOCDataset, build_loader, build_transform
+from odkd.data import DatasetError, DetectionDataset, VOCDataset, build_loader, build_transform
 from odkd.data.coco import COCODataset
 from odkd.data.dataset import ImageFiles, OpenImages
 from odkd.data.image_cache import ImageCache
@@ -43,6 +43,7 @@ from odkd.models import SSD, build_model
 from odkd.visualize import training_examples
 
 __all__ = [
+    "SCRIPT_ERRORS",
     "build_datasets",
     "build_detector",
     "build_task",
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("odkd")
+
+# What a script reports in one line (``error: ...``) rather than as a traceback: bad data, a run that cannot
+# go on, files that cannot be read or written (FileWriteError), bad settings (ConfigError).
+SCRIPT_ERRORS = (DatasetError, TrainingError, OSError, ValueError)
 
 
 def setup_logging(info: DistInfo) -> None:
