@@ -460,6 +460,19 @@ def test_resume_refuses_another_model(tmp_path):
         other.fit(resume=tmp_path / "run" / "best.pt")
 
 
+def test_loader_workers_still_alive_at_exit_do_not_hold_it_up():
+    """Python's exit terminates the loader workers still alive (SIGTERM) and waits for them: workers that
+    ignored SIGTERM kept the process, and a test run with them, waiting for ever."""
+    code = (
+        "import torch; from odkd.data.loader import worker_signals; "
+        "loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4, num_workers=2, "
+        "persistent_workers=True, worker_init_fn=worker_signals); "
+        "batches = iter(loader); next(batches); print('exiting')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "exiting", done.stderr[-2000:]
+
+
 def test_sigterm_to_the_process_group_checkpoints_and_resume_finishes(tmp_path):
     """Schedulers (Slurm, Kubernetes) signal the whole process group, loader workers included: a worker
     that died of it made the run fail with no checkpoint."""

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from odkd.data.dataset import DatasetError, read_image
-from odkd.data.loader import ignore_stop_signals
+from odkd.data.loader import worker_signals
 from odkd.files import shared_file_mode
 
 __all__ = ["ImageCache", "build_image_cache", "image_cache_path"]
@@ -102,7 +102,7 @@ def build_image_cache(
             with os.fdopen(handle, "wb") as f:
                 f.truncate(total)
             decode = _DecodeInto(tmp, paths, shapes)
-            loader = DataLoader(decode, batch_size=None, num_workers=workers, worker_init_fn=ignore_stop_signals)
+            loader = DataLoader(decode, batch_size=None, num_workers=workers, worker_init_fn=worker_signals)
             for problem in tqdm(loader, total=len(decode), desc=f"decoding images into {path}", disable=not progress):
                 if problem is not None:
                     raise DatasetError(problem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -9,15 +10,17 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["IterationSampler", "build_loader", "collate", "ignore_stop_signals", "prefetch_to_device"]
+__all__ = ["IterationSampler", "build_loader", "collate", "prefetch_to_device", "worker_signals"]
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's start: SIGINT and SIGTERM go to the whole process group (Ctrl-C, Slurm, most
-    schedulers), and the main process answers them by checkpointing and ending the run, which stops its
-    workers. A worker that died of the signal first would make the loader fail the run instead."""
+def worker_signals(worker_id: int = 0) -> None:
+    """A loader worker's start. SIGINT and SIGTERM go to the whole process group (Ctrl-C, Slurm, most
+    schedulers), and the main process answers them by finishing its step, checkpointing and ending the
+    run. A worker ignores SIGINT and ends quietly (exit status 0) on SIGTERM: killed by the signal, the
+    loader would fail the run before its checkpoint; ignoring SIGTERM would leave the worker running when
+    the loader or Python's exit terminates it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -109,7 +112,7 @@ def build_loader(
     or evaluation (in order; under DDP each process takes every world_size-th image, none twice).
     ``gt_slots``: pad the targets to at least this many objects per image (:func:`collate`).
 
-    Workers are persistent, leave SIGINT/SIGTERM to the main process (:func:`ignore_stop_signals`), and
+    Workers are persistent, leave SIGINT/SIGTERM to the main process (:func:`worker_signals`), and
     memory is pinned when CUDA is present.
     """
     if train:
@@ -128,7 +131,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=train,
         persistent_workers=num_workers > 0,
-        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        worker_init_fn=worker_signals if num_workers > 0 else None,
     )
 
 
