@@ -266,7 +266,26 @@ class CheckpointHook(HookBase):
     def after_step(self) -> None:
         trainer = self.trainer
         done = trainer.iteration == trainer.max_iters
-        if trainer.info.is_main and (trainer.stopped or done or trainer.iteration % self.every == 0):
+        if trainer.stopped or done or trainer.iteration % self.every == 0:
+            self.save()
+
+    def after_train(self) -> None:
+        trainer = self.trainer
+        if trainer.stopped and self.last != self.path():  # stopped between steps (the loader ended first)
+            self.save()
+        if trainer.info.is_main and trainer.iteration == trainer.max_iters and not trainer.stopped:
+            self.final = self.out / "model_final.pt"
+            save_model(self.model(), self.final)
+
+    def path(self) -> Path:
+        """The checkpoint of the trainer's iteration."""
+        return self.out / f"checkpoint_{self.trainer.iteration:07d}.pt"
+
+    def save(self) -> None:
+        """Write the checkpoint of this iteration (main process; never of weights that are not finite) and
+        keep the last ``keep_last``."""
+        trainer = self.trainer
+        if trainer.info.is_main:
             state = trainer.state_dict()
             weights = [t for t in state["task"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
             if not all(t.isfinite().all() for t in weights):
@@ -276,18 +295,12 @@ class CheckpointHook(HookBase):
                     f"resume from the last good one ({self.last or 'none yet'}) with a lower optim.lr or with "
                     "optim.grad_clip"
                 )
-            self.last = self.out / f"checkpoint_{trainer.iteration:07d}.pt"
+            self.last = self.path()
             atomic_save(state, self.last)
             for old in sorted(self.out.glob("checkpoint_*.pt"))[: -self.keep_last]:
                 old.unlink()
         if trainer.stopped:
             log.warning("stopped by signal at iteration %d; resume with --resume %s", trainer.iteration, self.last)
-
-    def after_train(self) -> None:
-        trainer = self.trainer
-        if trainer.info.is_main and trainer.iteration == trainer.max_iters and not trainer.stopped:
-            self.final = self.out / "model_final.pt"
-            save_model(self.model(), self.final)
 
     def state_dict(self) -> dict:
         return {"config": config_to_dict(self.config)}

@@ -210,7 +210,15 @@ class Trainer:
             batches = iter(prefetch_to_device(self.batches(self.iteration), self.device))
             while self.iteration < self.max_iters and not self.stopped:
                 start = time.perf_counter()
-                self.batch = next(batches)
+                try:
+                    self.batch = next(batches)
+                except RuntimeError:
+                    # A stop signal sent to the whole process group also ends the loader workers, so the
+                    # batch they were preparing never comes; the run stops here as it would after a step.
+                    if not self.stop_requested:
+                        raise
+                    self.stopped = True
+                    break
                 self.phase_times["data wait"].append(time.perf_counter() - start)
                 for hook in self.hooks:
                     hook.before_step()
