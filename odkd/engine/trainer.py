@@ -163,7 +163,12 @@ class Trainer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # BatchNorm statistics change in the forward pass, before the loss says whether the step is kept: a
         # copy from before it restores them when a NaN/inf step is skipped (a few thousand numbers).
-        self.statistics = [b for b in task.buffers() if b.is_floating_point()]
+        self.statistics = [
+            stat
+            for module in task.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for stat in (module.running_mean, module.running_var)
+        ]  # only what a forward pass moves: not the priors or other constant buffers
         self.statistics_before = [b.clone() for b in self.statistics]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         step_module: nn.Module = task
@@ -232,7 +237,8 @@ class Trainer:
     def run_step(self) -> StepOutput:
         """One iteration on :attr:`batch`; the step counter, the schedule and the stop state advance."""
         images, boxes, labels = self.batch
-        torch._foreach_copy_(self.statistics_before, self.statistics)
+        if self.statistics:  # none without BatchNorm (the VGG16 models)
+            torch._foreach_copy_(self.statistics_before, self.statistics)
         if self.compile:
             begin_compiled_step(boxes, labels, fixed_gt_slots=self.fixed_gt_slots)
         with self.autocast():
@@ -270,7 +276,8 @@ class Trainer:
     def _skip_step(self, loss: torch.Tensor) -> None:
         """Leave no trace of the step in the model (its weights were not updated; its statistics are put
         back) and stop the run after ``max_bad_steps`` in a row."""
-        torch._foreach_copy_(self.statistics, self.statistics_before)
+        if self.statistics:
+            torch._foreach_copy_(self.statistics, self.statistics_before)
         self.bad_in_a_row += 1
         log.warning(
             "iteration %d: loss is %s, step skipped (%d in a row)", self.iteration, loss.item(), self.bad_in_a_row
