@@ -350,7 +350,9 @@ def summary(result: ComparisonResult) -> dict:
         "environment": result.environment,
         "teacher": teacher_data,
         "arms": arms,
-        "configs": {a.name: {"config": a.config, "overrides": list(a.overrides)} for a in experiment.arms},
+        "configs": {  # the arms that ran (``run_experiment(arms=...)`` may leave some out)
+            a.name: {"config": a.config, "overrides": list(a.overrides)} for a in experiment.arms if a.name in arms
+        },
     }
 
 

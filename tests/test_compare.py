@@ -72,6 +72,16 @@ def test_report_shows_the_paired_differences_per_arm_and_class():
     assert "| kd | 44.50 +- 0.71 | +3.50 | [-15.56, +22.56] | 2/2 | -25.50 |" in text
     assert "the baseline is 29.00 mAP below the teacher; `kd` closes 12% of it." in text
     assert "| a | 60.00 | 32.00 | 39.00 (+7.0) |" in text
+    assert "- `alone`: None \n- `kd`: None" in text
+
+
+def test_report_lists_only_the_arms_that_ran():
+    """``--only`` leaves arms of the experiment out: their configs are not listed as if compared."""
+    experiment = Experiment([Arm("alone", "a.yaml"), Arm("kd", "b.yaml", ("x.y=1",))], "alone", [1], "unused")
+    runs = {"alone": {1: record("alone", 1, 0.40, {"a": 0.3})}}
+    data = summary(ComparisonResult(experiment, runs, None, {}))
+    assert data["configs"] == {"alone": {"config": "a.yaml", "overrides": []}}
+    assert "b.yaml" not in markdown(data)
 
 
 def test_experiment_files_are_checked(tmp_path):
