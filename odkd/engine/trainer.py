@@ -237,8 +237,7 @@ class Trainer:
     def run_step(self) -> StepOutput:
         """One iteration on :attr:`batch`; the step counter, the schedule and the stop state advance."""
         images, boxes, labels = self.batch
-        if self.statistics:  # none without BatchNorm (the VGG16 models)
-            torch._foreach_copy_(self.statistics_before, self.statistics)
+        _copy_all(self.statistics_before, self.statistics)
         if self.compile:
             begin_compiled_step(boxes, labels, fixed_gt_slots=self.fixed_gt_slots)
         with self.autocast():
@@ -276,8 +275,7 @@ class Trainer:
     def _skip_step(self, loss: torch.Tensor) -> None:
         """Leave no trace of the step in the model (its weights were not updated; its statistics are put
         back) and stop the run after ``max_bad_steps`` in a row."""
-        if self.statistics:
-            torch._foreach_copy_(self.statistics, self.statistics_before)
+        _copy_all(self.statistics, self.statistics_before)
         self.bad_in_a_row += 1
         log.warning(
             "iteration %d: loss is %s, step skipped (%d in a row)", self.iteration, loss.item(), self.bad_in_a_row
@@ -435,3 +433,10 @@ def _start_copy_to_host(values: torch.Tensor) -> Callable[[], torch.Tensor]:
         return host
 
     return wait
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` in one call; nothing for empty lists (a model without BatchNorm, such
+    as the VGG16 models), which ``_foreach_copy_`` refuses."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
