@@ -156,7 +156,7 @@ status=0 # the script's exit status: 1 if a stage failed
 if want 1; then
     start=$SECONDS
     run tests "$(min 180 $(($(left) - $(reserve 1))))" "$out/1_tests.log" \
-        "$py" -m pytest -q -m cuda -p no:cacheprovider --durations=15 tests
+        "$py" -m pytest -q -m cuda -n 0 -p no:cacheprovider --durations=15 tests # -n 0: one process, one GPU
     rc=$?
     say "stage 1 (CUDA tests): exit $rc after $((SECONDS - start)) s" && [ $rc = 0 ] || status=1
 fi

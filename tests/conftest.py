@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -9,6 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# pytest-xdist runs the suite in one process per core (setup.cfg: -n auto): each process, and the scripts
+# the tests start, then computes on its share of the cores instead of all of them, as one process would.
+# Set here, before any test module imports torch, which reads it once.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, share))
 
 
 def _run(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:

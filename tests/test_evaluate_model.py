@@ -91,7 +91,7 @@ def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -
     coco.write_text(json.dumps(data))
 
 
-def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_script):
+def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_scripts):
     """evaluate.py --onnx on the float export gives the AP of evaluate.py --checkpoint, with odkd's NMS
     after the file (VOC data, devkit AP) and with NMS in the file (COCO data, pycocotools AP).
 
@@ -122,23 +122,30 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_script):
         onnx_path = export_onnx(
             model, tmp_path / f"m_{postprocess}.onnx", PostprocessSettings(**settings) if postprocess else None
         )
-        results, printed = {}, ""
-        for flag, path in (("--checkpoint", tmp_path / "m.pt"), ("--onnx", onnx_path)):
-            out = tmp_path / f"{flag[2:]}_{postprocess}"
-            detections = out / ("r.json" if postprocess else "r")
-            done = run_script("evaluate.py", "--config", config, flag, path, "--detections", detections,
-                              "--output-json", out / "ap.json", "--workers", 0)  # fmt: skip
+        models = {"--checkpoint": tmp_path / "m.pt", "--onnx": onnx_path}
+        outs = {flag: tmp_path / f"{flag[2:]}_{postprocess}" for flag in models}
+        written = "r.json" if postprocess else "r"
+        runs = run_scripts(
+            *(
+                ("evaluate.py", "--config", config, flag, path, "--detections", outs[flag] / written,
+                 "--output-json", outs[flag] / "ap.json", "--workers", 0)
+                for flag, path in models.items()
+            )
+        )  # fmt: skip
+        for done in runs:
             assert done.returncode == 0, done.stderr
-            results[flag], printed = json.loads((out / "ap.json").read_text()), printed + done.stdout
+        results = {flag: json.loads((out / "ap.json").read_text()) for flag, out in outs.items()}
+        printed = "".join(done.stdout for done in runs)
         assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in printed
         assert results["--onnx"] == results["--checkpoint"]
         assert 0 < results["--onnx"]["mAP"] < 1  # true and false positives
 
     # Bad arguments: two models, --device with an ONNX file, a file that is not there.
-    for argv, message in (
+    cases = (
         (["--checkpoint", "m.pt", "--onnx", "m.onnx"], "give one model"),
         (["--onnx", "m.onnx", "--device", "cpu"], "--device is for --checkpoint"),
         (["--onnx", tmp_path / "nowhere.onnx"], "nowhere.onnx does not exist"),
-    ):
-        done = run_script("evaluate.py", "--config", voc, *argv)
-        assert done.returncode != 0 and message in done.stderr
+    )
+    refused = run_scripts(*(("evaluate.py", "--config", voc, *argv) for argv, _ in cases))
+    for (argv, message), done in zip(cases, refused, strict=True):
+        assert done.returncode != 0 and message in done.stderr, (argv, done.stderr)

@@ -76,14 +76,15 @@ def float32_rounding_bound(model: nn.Module) -> float:
     return 2.0**-24 * sum(c.in_channels // c.groups * c.kernel_size[0] * c.kernel_size[1] for c in convs)
 
 
-def test_export_script(tmp_path, run_script):
+def test_export_script(tmp_path, run_scripts):
     torch.manual_seed(0)
     model = build_model("mobilenetv2_ssdlite300", num_classes=3, width_mult=0.5)
     model.class_names = ("cat", "dog")
     save_model(model, tmp_path / "student.pt")
-    done = run_script(
-        "export_onnx.py", "--checkpoint", tmp_path / "student.pt", "--output", tmp_path / "student.onnx",
-        "--with-postprocess", "--score-threshold", "0.3",
+    done, missing = run_scripts(
+        ("export_onnx.py", "--checkpoint", tmp_path / "student.pt", "--output", tmp_path / "student.onnx",
+         "--with-postprocess", "--score-threshold", "0.3"),
+        ("export_onnx.py", "--checkpoint", tmp_path / "nowhere.pt", "--output", tmp_path / "x.onnx"),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "outputs boxes, scores, labels, image_index" in done.stdout and '["cat", "dog"]' in done.stdout
@@ -94,7 +95,6 @@ def test_export_script(tmp_path, run_script):
         r"(\d+) of (\d+) PyTorch detections identical in onnxruntime \((\d+)\)", done.stdout
     ).groups()
     assert same == total == in_onnx and int(total) > 0
-    missing = run_script("export_onnx.py", "--checkpoint", tmp_path / "nowhere.pt", "--output", tmp_path / "x.onnx")
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
