@@ -182,19 +182,42 @@ def earlier_run(cfg: Config) -> tuple[bool, bool]:
     return finished, not finished
 
 
-def _train(cfg: Config, device: str | None, progress: bool, fresh: bool) -> str:
-    """Train (or resume, or reuse) the run of ``cfg``; returns how."""
-    from odkd.engine.build import run_training
-
+def _plan(cfg: Config, fresh: bool) -> str:
+    """How the run of ``cfg`` goes: "reused" (finished earlier), "resumed" (cut earlier) or "trained" (its
+    folder marked with the teacher it distils from, if any)."""
     finished, resume = (False, False) if fresh else earlier_run(cfg)
     if finished:
         return "reused"
+    if resume:
+        return "resumed"
     out = Path(cfg.train.output_dir)
-    if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(_teacher_file(cfg))}))
-    run_training(cfg, "auto" if resume else None, device, progress, overwrite=True)  # a changed arm retrains
-    return "resumed" if resume else "trained"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(_teacher_file(cfg))}))
+    return "trained"
+
+
+def _train(cfg: Config, device: str | None, progress: bool, how: str) -> None:
+    """Run what :func:`_plan` decided for ``cfg``."""
+    from odkd.engine.build import run_training
+
+    if how != "reused":  # a changed arm retrains: its folder holds the old config's files
+        run_training(cfg, "auto" if how == "resumed" else None, device, progress, overwrite=True)
+
+
+def _train_in_process(cfg: Config, device: str | None, how: str, threads: int) -> None:
+    """A child process's run (``jobs`` > 1): ``threads`` threads, its output (the readable log, warnings, a
+    traceback) in ``<train.output_dir>/compare.log`` instead of interleaved with the other runs'."""
+    import logging
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    with open(Path(cfg.train.output_dir) / "compare.log", "a") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    _train(cfg, device, False, how)
 
 
 def _record(arm: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
@@ -218,28 +241,97 @@ def run_experiment(
     progress: bool = False,
     fresh: bool = False,
     arms: list[str] | None = None,
+    jobs: int = 1,
 ) -> ComparisonResult:
     """Train the teacher (once), then every arm on every seed, seed by seed (so an interrupted experiment
     holds complete pairs); reuse finished runs of the same config and resume cut ones unless ``fresh``.
-    ``arms``: a subset of the arm names to run (the baseline is always run)."""
+    ``arms``: a subset of the arm names to run (the baseline is always run). ``jobs`` > 1 (CPU): that many
+    runs at once, each in a process of its own with an equal share of this process's threads, the teacher
+    beside the runs that do not distil; a small model trains about as fast on one thread as on two, so
+    two runs at once on two cores do nearly twice the work."""
     from odkd.engine.build import log
 
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
-    teacher, teacher_file = None, None
+    plan: list[tuple[str, int | None, Config]] = []
+    teacher_file = None
     if experiment.teacher is not None:
         cfg = _run_config(experiment, experiment.teacher, None, None)
-        how = _train(cfg, device, progress, fresh)
-        teacher = _record(TEACHER, None, cfg, how)
         teacher_file = str(Path(cfg.train.output_dir) / "model_final.pt")
-        log.info("teacher: mAP %.2f (%s)", 100 * teacher.mAP, how)
-    runs: dict[str, dict[int, RunRecord]] = {arm.name: {} for arm in chosen}
-    for seed in experiment.seeds:
-        for arm in chosen:
-            cfg = _run_config(experiment, arm, seed, teacher_file)
-            how = _train(cfg, device, progress, fresh)
-            runs[arm.name][seed] = _record(arm.name, seed, cfg, how)
-            log.info("seed %d %-16s mAP %.2f (%s)", seed, arm.name, 100 * runs[arm.name][seed].mAP, how)
-    return ComparisonResult(experiment, runs, teacher, _environment(device))
+        plan.append((TEACHER, None, cfg))
+    plan += [
+        (a.name, seed, _run_config(experiment, a, seed, teacher_file)) for seed in experiment.seeds for a in chosen
+    ]
+
+    def finished(name: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
+        record = _record(name, seed, cfg, how)
+        log.info("%-24s mAP %.2f (%s)", name if seed is None else f"seed {seed} {name}", 100 * record.mAP, how)
+        return record
+
+    if jobs == 1:
+        records = {}
+        for name, seed, cfg in plan:
+            how = _plan(cfg, fresh)
+            _train(cfg, device, progress, how)
+            records[name, seed] = finished(name, seed, cfg, how)
+    else:
+        records = _run_in_parallel(plan, device, fresh, jobs, finished)
+    runs = {a.name: {seed: records[a.name, seed] for seed in experiment.seeds} for a in chosen}
+    return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device))
+
+
+def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished) -> dict:
+    """The runs of ``plan`` (name, seed, config), ``jobs`` at a time in child processes, in plan order except
+    that distilling runs wait for the teacher; ``finished(name, seed, cfg, how)`` gives each its record. A run
+    that fails stops the others (they checkpoint: the next call resumes them) and raises TrainingError."""
+    import multiprocessing
+    import multiprocessing.connection
+    import os
+
+    import torch
+
+    from odkd.device import select_device
+    from odkd.engine.build import log, write_synthetic_data
+    from odkd.engine.trainer import TrainingError
+
+    if select_device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"jobs={jobs} runs several CPU runs at once; on GPUs, one run at a time (or torchrun)")
+    for _, _, cfg in plan:  # here, once: runs writing the same synthetic data at once would mix their files
+        if cfg.data.synthetic:
+            write_synthetic_data(cfg)
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
+    waiting, running, records = list(plan), {}, {}
+    teacher_pending = any(name == TEACHER for name, _, _ in plan)
+    while waiting or running:
+        for item in [i for i in waiting if not (teacher_pending and i[2].distill is not None)][: jobs - len(running)]:
+            waiting.remove(item)
+            how = _plan(item[2], fresh)
+            if how == "reused":
+                records[item[:2]] = finished(*item, how)
+                continue
+            process = context.Process(target=_train_in_process, args=(item[2], device, how, threads))
+            process.start()
+            name, seed, cfg = item
+            log.info("%-24s started (%s)", name if seed is None else f"seed {seed} {name}", cfg.train.output_dir)
+            running[process.sentinel] = (process, item, how)
+        if not running:
+            continue
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            process, (name, seed, cfg), how = running.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                for other, *_ in running.values():
+                    other.terminate()  # SIGTERM: the run checkpoints and ends
+                    other.join()
+                log_file = Path(cfg.train.output_dir) / "compare.log"
+                last = log_file.read_text().strip().splitlines()[-1:] if log_file.is_file() else []
+                where = f"{last[0]} (log: {log_file})" if last else "it failed while starting, before its log"
+                raise TrainingError(f"{cfg.train.output_dir}: the run failed (exit {process.exitcode}): {where}")
+            records[name, seed] = finished(name, seed, cfg, how)
+            teacher_pending = teacher_pending and name != TEACHER
+    return records
 
 
 def _environment(device: str | None) -> dict[str, str]:

@@ -5,6 +5,7 @@
     python scripts/compare.py --arm alone configs/my_student.yaml --arm hinton configs/my_distill.yaml \\
         'distill.methods=[hinton]' --seeds 1 2 3 4 5 --output-dir runs/ab
     torchrun --nproc_per_node=8 scripts/compare.py configs/my_experiment.yaml
+    python scripts/compare.py configs/compare_methods_synthetic.yaml --device cpu --jobs 2   # 2 runs at once
 
 Each arm is a config file plus overrides; the same seed gives every arm the same initial weights, data
 order and augmentation, so the difference to the baseline is paired by seed. Prints and writes
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--output-dir", help="default: the experiment's")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--fresh", action="store_true", help="train every run anew instead of reusing finished ones")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="CPU: runs at once, each on its share of the threads (default: 1)"
+    )
     parser.add_argument("--no-picture", action="store_true", help="skip detections.jpg")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, section.key=value")
     args = parser.parse_intermixed_args()
@@ -64,7 +68,9 @@ def main() -> None:
         )
         info = setup_distributed(args.device)
         setup_logging(info)
-        result = run_experiment(experiment, args.device, progress=True, fresh=args.fresh, arms=args.only)
+        result = run_experiment(
+            experiment, args.device, progress=args.jobs == 1, fresh=args.fresh, arms=args.only, jobs=args.jobs
+        )
     except SCRIPT_ERRORS as err:
         sys.exit(f"error: {err}")
     if info.is_main:

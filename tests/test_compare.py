@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from odkd.checkpoint import save_model
+from odkd.checkpoint import load_model, save_model
 from odkd.compare import (
     Arm,
     ComparisonResult,
@@ -23,6 +23,7 @@ from odkd.compare import (
 from odkd.config import ConfigError, load_config
 from odkd.data.synthetic import make_synthetic_voc
 from odkd.engine.build import build_trainer
+from odkd.engine.trainer import TrainingError
 from odkd.models import build_model
 
 
@@ -172,3 +173,42 @@ def test_experiment_end_to_end_reuses_and_resumes(tmp_path, caplog):
     )  # fmt: skip
     third = run_experiment(changed, device="cpu")
     assert third.runs["alone"][1].how == "reused" and third.runs["hinton"][1].how == "trained"
+
+
+def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path):
+    """jobs=2: the teacher beside the student alone, then the distilled arm, each run in a process of its own
+    on one thread: the same weights as the runs one after the other on one thread. A run that fails stops
+    the experiment with its folder and log named; finished runs are reused."""
+    common = tiny_overrides(tmp_path)
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump({"distill": {"teacher": "set-by-the-experiment"}}))
+    alone, hinton = Arm("alone", None), Arm("hinton", str(tmp_path / "distill.yaml"), ("distill.methods=[hinton]",))
+    teacher = Arm("teacher", None, ("model.width_mult=0.75",))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_experiment(Experiment([alone, hinton], "alone", [1], str(tmp_path / "one"), teacher, common), "cpu")
+        torch.set_num_threads(2)  # one thread for each of the two jobs
+        two = run_experiment(
+            Experiment([alone, hinton], "alone", [1], str(tmp_path / "two"), teacher, common), "cpu", jobs=2
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for run in ("teacher", "alone/seed1", "hinton/seed1"):
+        first = load_model(tmp_path / "one" / run / "model_final.pt").state_dict()
+        second = load_model(tmp_path / "two" / run / "model_final.pt").state_dict()
+        assert all(torch.equal(v, second[k]) for k, v in first.items()), run
+        assert "INFO" in (tmp_path / "two" / run / "compare.log").read_text()  # each run's log in its folder
+    assert two.teacher.mAP == one.teacher.mAP and two.runs["hinton"][1].mAP == one.runs["hinton"][1].mAP
+    assert load_config(tmp_path / "two/hinton/seed1/config.yaml").distill.teacher == str(
+        tmp_path / "two/teacher/model_final.pt"
+    )
+
+    broken = Arm(
+        "broken", str(tmp_path / "distill.yaml"), ("distill.methods=[hinton]", f"distill.teacher={tmp_path / 'no.pt'}")
+    )
+    message = r"broken/seed1: the run failed \(exit 1\): FileNotFoundError: model file .*no.pt does not exist \(log: "
+    with pytest.raises(TrainingError, match=message):
+        run_experiment(Experiment([alone, broken], "alone", [1], str(tmp_path / "two"), None, common), "cpu", jobs=2)
+    assert "no.pt" in (tmp_path / "two/broken/seed1/compare.log").read_text()
+    with pytest.raises(ConfigError, match="jobs must be at least 1"):
+        run_experiment(Experiment([alone], "alone", [1], str(tmp_path / "two"), None, common), "cpu", jobs=0)
