@@ -115,7 +115,7 @@ def test_printed_gpu_commands_are_valid(tmp_path, run_scripts):
     commands = dict(re.findall(r"^(\w+) \(limit \d+ s\): (.*)$", done.stdout, re.M))
     assert list(commands) == ["tests", "teacher", "student", "distill", "eval", "student_compile", "distill_compile",
                               "teacher_compile", "plan", "compare"]  # fmt: skip
-    assert commands["tests"].endswith("-m pytest -q -m cuda -p no:cacheprovider --durations=15 tests")
+    assert commands["tests"].endswith("-m pytest -q -m cuda -n 0 -p no:cacheprovider --durations=15 tests")
     bench = {name: shlex.split(line)[2:] for name, line in commands.items() if "benchmark.py" in line}
     for name in ("teacher", "student", "distill"):  # the same commands, compiled
         assert bench[f"{name}_compile"] == [*bench[name], "--compile"], name
