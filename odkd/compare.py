@@ -278,7 +278,7 @@ def run_experiment(
     else:
         records = _run_in_parallel(plan, device, fresh, jobs, finished)
     runs = {a.name: {seed: records[a.name, seed] for seed in experiment.seeds} for a in chosen}
-    return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device))
+    return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device, jobs))
 
 
 def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished) -> dict:
@@ -289,8 +289,6 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     import multiprocessing.connection
     import os
 
-    import torch
-
     from odkd.device import select_device
     from odkd.engine.build import log, write_synthetic_data
     from odkd.engine.trainer import TrainingError
@@ -300,7 +298,7 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     for _, _, cfg in plan:  # here, once: runs writing the same synthetic data at once would mix their files
         if cfg.data.synthetic:
             write_synthetic_data(cfg)
-    threads = max(1, torch.get_num_threads() // jobs)
+    threads = _threads_per_run(jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
     waiting, running, records = list(plan), {}, {}
     teacher_pending = any(name == TEACHER for name, _, _ in plan)
@@ -334,7 +332,14 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     return records
 
 
-def _environment(device: str | None) -> dict[str, str]:
+def _threads_per_run(jobs: int) -> int:
+    """This process's threads shared among ``jobs`` runs at once."""
+    import torch
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def _environment(device: str | None, jobs: int) -> dict[str, str]:
     import torch
 
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -347,7 +352,8 @@ def _environment(device: str | None) -> dict[str, str]:
         commit = ""
     return {
         "device": where,
-        "threads": str(torch.get_num_threads()),
+        "threads": str(_threads_per_run(jobs)),  # of each run
+        "jobs": str(jobs),
         "torch": torch.__version__,
         "commit": commit or "unknown",
         "date": datetime.date.today().isoformat(),
@@ -462,7 +468,9 @@ def markdown(data: dict) -> str:
     lines = [
         f"# Paired comparison: {len(seeds)} seed(s) {seeds}, baseline `{data['baseline']}`",
         "",
-        f"{env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, odkd {env.get('commit')}, "
+        f"{env.get('device')}, {env.get('threads')} threads"
+        + (f" per run, {env['jobs']} runs at once" if env.get("jobs", "1") != "1" else "")
+        + f", torch {env.get('torch')}, odkd {env.get('commit')}, "
         f"{env.get('date')}. mAP x 100 at the last iteration; the difference to the baseline is paired by seed, "
         "its interval the 95% confidence interval of the mean (paired t).",
         "",

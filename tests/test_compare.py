@@ -199,6 +199,7 @@ def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path):
         assert all(torch.equal(v, second[k]) for k, v in first.items()), run
         assert "INFO" in (tmp_path / "two" / run / "compare.log").read_text()  # each run's log in its folder
     assert two.teacher.mAP == one.teacher.mAP and two.runs["hinton"][1].mAP == one.runs["hinton"][1].mAP
+    assert "1 threads per run, 2 runs at once" in write_report(two, picture=False)["markdown"].read_text()
     assert load_config(tmp_path / "two/hinton/seed1/config.yaml").distill.teacher == str(
         tmp_path / "two/teacher/model_final.pt"
     )
