@@ -221,10 +221,15 @@ def _train_in_process(cfg: Config, device: str | None, how: str, threads: int) -
 
 
 def _record(arm: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
-    from odkd.engine.trainer import read_metrics
+    from odkd.engine.trainer import TrainingError, read_metrics
 
     records = read_metrics(cfg.train.output_dir)
-    final = next(r for r in reversed(records) if r["iter"] == cfg.optim.max_iters and "mAP" in r)
+    final = next((r for r in reversed(records) if r["iter"] == cfg.optim.max_iters and "mAP" in r), None)
+    if final is None:  # stopped (Ctrl-C, SIGTERM) with a checkpoint: the next call resumes it
+        raise TrainingError(
+            f"{cfg.train.output_dir}: stopped before its final evaluation (iteration {cfg.optim.max_iters}); "
+            "run the experiment again to resume it"
+        )
     losses: dict[str, list[tuple[int, float]]] = {}
     for record in records:
         if "lr" not in record:  # evaluations and the step-0 calibration
@@ -294,7 +299,7 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     from odkd.engine.trainer import TrainingError
 
     if select_device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"jobs={jobs} runs several CPU runs at once; on GPUs, one run at a time (or torchrun)")
+        raise ConfigError(f"jobs={jobs} runs several CPU runs at once (--device cpu); on GPUs: one, or torchrun")
     for _, _, cfg in plan:  # here, once: runs writing the same synthetic data at once would mix their files
         if cfg.data.synthetic:
             write_synthetic_data(cfg)

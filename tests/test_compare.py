@@ -13,6 +13,7 @@ from odkd.compare import (
     ComparisonResult,
     Experiment,
     RunRecord,
+    _record,
     load_experiment,
     markdown,
     paired_difference,
@@ -163,6 +164,8 @@ def test_experiment_end_to_end_reuses_and_resumes(tmp_path, caplog):
         last.unlink()
     metrics = cut / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if '"mAP"' not in line))
+    with pytest.raises(TrainingError, match=r"hinton/seed2: stopped before its final evaluation \(iteration 2\)"):
+        _record("hinton", 2, load_config(cut / "config.yaml"), "trained")  # what a run stopped by SIGTERM leaves
     again = run_experiment(experiment, device="cpu")
     assert again.teacher.how == "reused" and again.runs["alone"][1].how == "reused"
     assert again.runs["hinton"][2].how == "resumed" and again.runs["hinton"][2].mAP == result.runs["hinton"][2].mAP
