@@ -207,16 +207,14 @@ def _train(cfg: Config, device: str | None, progress: bool, how: str) -> None:
 def _train_in_process(cfg: Config, device: str | None, how: str, threads: int) -> None:
     """A child process's run (``jobs`` > 1): ``threads`` threads, its output (the readable log, warnings, a
     traceback) in ``<train.output_dir>/compare.log`` instead of interleaved with the other runs'."""
-    import logging
     import os
 
     import torch
 
     torch.set_num_threads(threads)
-    with open(Path(cfg.train.output_dir) / "compare.log", "a") as log_file:
-        os.dup2(log_file.fileno(), 1)
+    with open(Path(cfg.train.output_dir) / "compare.log", "a") as log_file:  # the trainer's setup_logging
+        os.dup2(log_file.fileno(), 1)  # writes its readable lines to stdout
         os.dup2(log_file.fileno(), 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     _train(cfg, device, False, how)
 
 
@@ -271,7 +269,7 @@ def run_experiment(
 
     def finished(name: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
         record = _record(name, seed, cfg, how)
-        log.info("%-24s mAP %.2f (%s)", name if seed is None else f"seed {seed} {name}", 100 * record.mAP, how)
+        log.info("%-24s mAP %.2f (%s)", _label(name, seed), 100 * record.mAP, how)
         return record
 
     if jobs == 1:
@@ -306,21 +304,23 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     threads = _threads_per_run(jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
     waiting, running, records = list(plan), {}, {}
-    teacher_pending = any(name == TEACHER for name, _, _ in plan)
+    has_teacher = any(name == TEACHER for name, _, _ in plan)
     while waiting or running:
-        for item in [i for i in waiting if not (teacher_pending and i[2].distill is not None)][: jobs - len(running)]:
+        teacher_pending = has_teacher and (TEACHER, None) not in records
+        ready = [item for item in waiting if not (teacher_pending and item[2].distill is not None)]
+        for item in ready[: jobs - len(running)]:
             waiting.remove(item)
-            how = _plan(item[2], fresh)
-            if how == "reused":
-                records[item[:2]] = finished(*item, how)
-                continue
-            process = context.Process(target=_train_in_process, args=(item[2], device, how, threads))
-            process.start()
             name, seed, cfg = item
-            log.info("%-24s started (%s)", name if seed is None else f"seed {seed} {name}", cfg.train.output_dir)
+            how = _plan(cfg, fresh)
+            if how == "reused":
+                records[name, seed] = finished(name, seed, cfg, how)
+                continue
+            process = context.Process(target=_train_in_process, args=(cfg, device, how, threads))
+            process.start()
+            log.info("%-24s started (%s)", _label(name, seed), cfg.train.output_dir)
             running[process.sentinel] = (process, item, how)
         if not running:
-            continue
+            continue  # what was ready was reused; the rest may be ready now
         for sentinel in multiprocessing.connection.wait(list(running)):
             process, (name, seed, cfg), how = running.pop(sentinel)
             process.join()
@@ -333,8 +333,11 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
                 where = f"{last[0]} (log: {log_file})" if last else "it failed while starting, before its log"
                 raise TrainingError(f"{cfg.train.output_dir}: the run failed (exit {process.exitcode}): {where}")
             records[name, seed] = finished(name, seed, cfg, how)
-            teacher_pending = teacher_pending and name != TEACHER
     return records
+
+
+def _label(name: str, seed: int | None) -> str:
+    return name if seed is None else f"seed {seed} {name}"
 
 
 def _threads_per_run(jobs: int) -> int:

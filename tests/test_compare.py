@@ -203,6 +203,11 @@ def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path):
         assert "INFO" in (tmp_path / "two" / run / "compare.log").read_text()  # each run's log in its folder
     assert two.teacher.mAP == one.teacher.mAP and two.runs["hinton"][1].mAP == one.runs["hinton"][1].mAP
     assert "1 threads per run, 2 runs at once" in write_report(two, picture=False)["markdown"].read_text()
+    # Again: the teacher and every run reused, none started (a reused teacher once kept the distilled runs waiting).
+    again = run_experiment(
+        Experiment([alone, hinton], "alone", [1], str(tmp_path / "two"), teacher, common), "cpu", jobs=2
+    )
+    assert again.teacher.how == "reused" and again.runs["hinton"][1].how == "reused"
     assert load_config(tmp_path / "two/hinton/seed1/config.yaml").distill.teacher == str(
         tmp_path / "two/teacher/model_final.pt"
     )
