@@ -306,21 +306,23 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
     waiting, running, records = list(plan), {}, {}
     has_teacher = any(name == TEACHER for name, _, _ in plan)
     while waiting or running:
+        # One run started or reused per pass, so a reused run frees its slot at once and a reused teacher
+        # makes the distilled runs ready at once.
         teacher_pending = has_teacher and (TEACHER, None) not in records
         ready = [item for item in waiting if not (teacher_pending and item[2].distill is not None)]
-        for item in ready[: jobs - len(running)]:
+        if ready and len(running) < jobs:
+            item = ready[0]
             waiting.remove(item)
             name, seed, cfg = item
             how = _plan(cfg, fresh)
             if how == "reused":
                 records[name, seed] = finished(name, seed, cfg, how)
-                continue
-            process = context.Process(target=_train_in_process, args=(cfg, device, how, threads))
-            process.start()
-            log.info("%-24s started (%s)", _label(name, seed), cfg.train.output_dir)
-            running[process.sentinel] = (process, item, how)
-        if not running:
-            continue  # what was ready was reused; the rest may be ready now
+            else:
+                process = context.Process(target=_train_in_process, args=(cfg, device, how, threads))
+                process.start()
+                log.info("%-24s started (%s)", _label(name, seed), cfg.train.output_dir)
+                running[process.sentinel] = (process, item, how)
+            continue
         for sentinel in multiprocessing.connection.wait(list(running)):
             process, (name, seed, cfg), how = running.pop(sentinel)
             process.join()

@@ -1,6 +1,7 @@
 """The paired comparison harness: statistics by hand, the report, and a tiny experiment end to end."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -178,7 +179,7 @@ def test_experiment_end_to_end_reuses_and_resumes(tmp_path, caplog):
     assert third.runs["alone"][1].how == "reused" and third.runs["hinton"][1].how == "trained"
 
 
-def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path):
+def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path, caplog):
     """jobs=2: the teacher beside the student alone, then the distilled arm, each run in a process of its own
     on one thread: the same weights as the runs one after the other on one thread. A run that fails stops
     the experiment with its folder and log named; finished runs are reused."""
@@ -208,6 +209,16 @@ def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path):
         Experiment([alone, hinton], "alone", [1], str(tmp_path / "two"), teacher, common), "cpu", jobs=2
     )
     assert again.teacher.how == "reused" and again.runs["hinton"][1].how == "reused"
+    # A second seed: the reused runs free their slots at once, so both new runs start before either ends (the
+    # slots of reused runs were once left empty until a running run ended).
+    with caplog.at_level(logging.INFO, logger="odkd"):
+        run_experiment(
+            Experiment([alone, hinton], "alone", [1, 2], str(tmp_path / "two"), teacher, common), "cpu", jobs=2
+        )
+    lines = [record.getMessage() for record in caplog.records]
+    started = [i for i, line in enumerate(lines) if line.startswith("seed 2") and "started" in line]
+    ended = [i for i, line in enumerate(lines) if line.startswith("seed 2") and "(trained)" in line]
+    assert len(started) == 2 and len(ended) == 2 and max(started) < min(ended), lines
     assert load_config(tmp_path / "two/hinton/seed1/config.yaml").distill.teacher == str(
         tmp_path / "two/teacher/model_final.pt"
     )
