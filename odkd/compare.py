@@ -484,6 +484,13 @@ def markdown(data: dict) -> str:
         f"{env.get('date')}. mAP x 100 at the last iteration; the difference to the baseline is paired by seed, "
         "its interval the 95% confidence interval of the mean (paired t).",
         "",
+    ]
+    if len(seeds) == 1:
+        lines += [
+            "One seed: a demonstration, not evidence (no spread, no interval); a claim needs 5 seeds or more.",
+            "",
+        ]
+    lines += [
         "| arm | mAP mean +- std | vs baseline | 95% CI | seeds better |" + (" vs teacher |" if teacher else ""),
         "|---|---|---|---|---|" + ("---|" if teacher else ""),
     ]

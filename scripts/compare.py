@@ -11,7 +11,7 @@ Each arm is a config file plus overrides; the same seed gives every arm the same
 order and augmentation, so the difference to the baseline is paired by seed. Prints and writes
 compare.md, compare.json, compare.png (per-class AP, loss terms) and detections.jpg to the output
 folder. Run it again to add seeds or arms: finished runs of an unchanged config are reused, cut ones
-resumed. Options after the experiment override every run's config (section.key=value).
+resumed. Overrides (section.key=value, after the experiment file if one is given) apply to every run.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--no-picture", action="store_true", help="skip detections.jpg")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, section.key=value")
     args = parser.parse_intermixed_args()
+    if args.experiment is not None and "=" in str(args.experiment) and not args.experiment.exists():
+        # `compare.py section.key=value`: overrides of the demo experiment, not an experiment file
+        args.overrides.insert(0, str(args.experiment))
+        args.experiment = None
 
     from odkd.compare import Arm, Experiment, load_experiment, run_experiment, write_report
     from odkd.config import ConfigError

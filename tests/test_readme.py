@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from odkd.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,18 +24,27 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_main_job_runs(run_script, tmp_path):
+    """The main job, shrunk: the demo teacher, the student alone and the distilled student trained on the
+    synthetic data it writes, printed side by side (mAP, per-class AP) with a picture of their detections."""
     install, _ = readme_commands()
-    assert install.endswith("python scripts/train_teacher.py")
-    # The demo with its default config, shrunk: synthetic data written, trained, evaluated, files reported.
+    assert install.endswith("python scripts/compare.py")
     result = run_script(
-        "train_teacher.py", f"data.voc_root={tmp_path / 'voc'}", "data.synthetic_sizes={trainval: 8, test: 4}",
+        "compare.py", f"data.voc_root={tmp_path / 'voc'}", "data.synthetic_sizes={trainval: 8, test: 4}",
         "data.batch_size=2", "data.num_workers=0", "optim.max_iters=2", "optim.warmup_iters=1",
-        f"train.output_dir={tmp_path / 'run'}", "train.eval_every=2", "model.width_mult=0.5",
+        "train.eval_every=2", "train.checkpoint_every=2", "--output-dir", tmp_path / "demo",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "voc07 mAP on SYN_test" in result.stdout
-    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "voc" / "VOCSYN").is_dir()
-    assert "best model: " in result.stdout and "checkpoint (resume): " in result.stdout
+    assert (tmp_path / "voc" / "VOCSYN").is_dir()
+    for run in ("teacher", "alone/seed1", "distilled/seed1"):
+        assert (tmp_path / "demo" / run / "model_final.pt").is_file(), run
+    table = result.stdout[result.stdout.index("# Paired comparison") :]
+    rows = ("One seed: a demonstration", "| teacher (trained once) |", "| alone (baseline) |", "| distilled |")
+    for row in (*rows, "| class | teacher | alone | distilled |"):
+        assert row in table, row
+    assert (tmp_path / "demo" / "detections.jpg").stat().st_size > 0
+    # The distilled arm learnt from the teacher the main job trained, not from another file.
+    distilled = load_config(tmp_path / "demo" / "distilled" / "seed1" / "config.yaml")
+    assert distilled.distill.teacher == str(tmp_path / "demo" / "teacher" / "model_final.pt")
 
 
 def test_models_benchmark_runs(run_script):
