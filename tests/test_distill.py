@@ -155,6 +155,14 @@ def test_auto_balance_brings_each_method_to_the_configured_fraction():
         )
         assert norm == pytest.approx(0.5 * detection, rel=1e-5)
     assert calibration.warnings() == []
+    # The ratios before scaling are those of the same run without auto_balance (measured there, not divided).
+    plain = build_distillation_task(tiny_cfg("distill.methods=[chen2017, fgd]"), *models()).train()
+    plain.load_state_dict(task.state_dict(), strict=False)
+    plain.term_scales.fill_(1.0)
+    unbalanced = plain.calibrate(*batch)
+    for term in calibration.terms:
+        assert calibration.unscaled_ratio(term) == pytest.approx(unbalanced.ratio(term), rel=1e-5), term
+    assert "unscaled" in calibration.table() and "ratio_unscaled" in calibration.to_json()["terms"]["fgd/focal"]
     restored = build_distillation_task(cfg, *models())  # the scales travel with the task's state
     restored.load_state_dict(task.state_dict())
     assert restored.term_scales.tolist() == scales

@@ -33,7 +33,9 @@ def gradient_norm(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.T
 
 @dataclass
 class Calibration:
-    """What step 0 measured; terms as they are trained (after the auto-balance scales)."""
+    """What step 0 measured; terms as they are trained (after the auto-balance scales: with auto_balance the
+    method's summed ratio is ``balance_fraction`` by construction; :meth:`unscaled_ratio` is the one its
+    configured weights give)."""
 
     detection: tuple[float, float]  # (value, gradient norm) of the detection loss (sum of its terms)
     terms: dict[str, tuple[float, float]]  # "<method>/<term>" -> (value, gradient norm)
@@ -46,15 +48,22 @@ class Calibration:
         norm = self.terms[term][1]
         return norm / detection if detection > 0 else (0.0 if norm == 0 else float("inf"))
 
+    def unscaled_ratio(self, term: str) -> float:
+        """The term's ratio before its method's auto-balance scale: what its configured weights alone give."""
+        return self.ratio(term) / self.scales[term.split("/")[0]]
+
     def table(self) -> str:
-        """The log table: one row per term, the detection loss first."""
-        rows = [("detection loss", *self.detection, "1.00", "")]
+        """The log table: one row per term, the detection loss first; the ratio as trained and, beside the
+        scale, as the configured weights alone would give it."""
+        rows = [("detection loss", *self.detection, "1.00", "", "")]
         for term, (value, norm) in self.terms.items():
-            method = term.split("/")[0]
-            rows.append((term, value, norm, f"{self.ratio(term):.2f}", f"x{self.scales[method]:.4g}"))
-        header = f"{'term':<24} {'value':>12} {'grad norm':>12} {'/ detection':>12}  scale"
+            scale = self.scales[term.split("/")[0]]
+            unscaled = f"{self.unscaled_ratio(term):.2f}" if scale != 1 else ""
+            rows.append((term, value, norm, f"{self.ratio(term):.2f}", f"x{scale:.4g}", unscaled))
+        header = f"{'term':<24} {'value':>12} {'grad norm':>12} {'/ detection':>12} {'scale':>8} {'unscaled':>9}"
         lines = [
-            f"{name:<24} {value:>12.4g} {norm:>12.4g} {ratio:>12}  {scale}" for name, value, norm, ratio, scale in rows
+            f"{name:<24} {value:>12.4g} {norm:>12.4g} {ratio:>12} {scale:>8} {unscaled:>9}"
+            for name, value, norm, ratio, scale, unscaled in rows
         ]
         return "\n".join([header, *lines])
 
@@ -72,7 +81,12 @@ class Calibration:
         return {
             "detection": {"value": self.detection[0], "grad_norm": self.detection[1]},
             "terms": {
-                term: {"value": v, "grad_norm": n, "ratio": r if math.isfinite(r := self.ratio(term)) else None}
+                term: {
+                    "value": v,
+                    "grad_norm": n,
+                    "ratio": r if math.isfinite(r := self.ratio(term)) else None,
+                    "ratio_unscaled": u if math.isfinite(u := self.unscaled_ratio(term)) else None,
+                }
                 for term, (v, n) in self.terms.items()
             },
             "scales": dict(self.scales),
