@@ -223,6 +223,7 @@ def test_training_and_distilling_on_coco_data(tmp_path, run_script):
     done = run_script("train_teacher.py", *data, "model.width_mult=0.75", f"train.output_dir={tmp_path / 'teacher'}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"coco mAP on {root}/annotations/instances_test.json" in done.stdout
+    assert "best model: " in done.stdout and "checkpoint (resume): " in done.stdout  # where the files are
     records = [json.loads(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
     evaluation = next(r for r in records if "mAP" in r)
     assert evaluation["metric"] == "coco" and set(evaluation["stats"]) >= {"AP", "AP50", "AP75", "AP_small"}
