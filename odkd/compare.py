@@ -309,9 +309,8 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
         # One run started or reused per pass, so a reused run frees its slot at once and a reused teacher
         # makes the distilled runs ready at once.
         teacher_pending = has_teacher and (TEACHER, None) not in records
-        ready = [item for item in waiting if not (teacher_pending and item[2].distill is not None)]
-        if ready and len(running) < jobs:
-            item = ready[0]
+        item = next((i for i in waiting if not (teacher_pending and i[2].distill is not None)), None)
+        if item is not None and len(running) < jobs:
             waiting.remove(item)
             name, seed, cfg = item
             how = _plan(cfg, fresh)
@@ -470,6 +469,9 @@ def _number(x: float | None, digits: int = 2, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+ONE_SEED_NOTE = "One seed: a demonstration, not evidence (no spread, no interval); a claim needs 5 seeds or more."
+
+
 def markdown(data: dict) -> str:
     """The report as Markdown: arms with the paired difference, per-class AP, per-seed mAP."""
     env = data["environment"]
@@ -484,13 +486,7 @@ def markdown(data: dict) -> str:
         f"{env.get('date')}. mAP x 100 at the last iteration; the difference to the baseline is paired by seed, "
         "its interval the 95% confidence interval of the mean (paired t).",
         "",
-    ]
-    if len(seeds) == 1:
-        lines += [
-            "One seed: a demonstration, not evidence (no spread, no interval); a claim needs 5 seeds or more.",
-            "",
-        ]
-    lines += [
+        *([ONE_SEED_NOTE, ""] if len(seeds) == 1 else []),
         "| arm | mAP mean +- std | vs baseline | 95% CI | seeds better |" + (" vs teacher |" if teacher else ""),
         "|---|---|---|---|---|" + ("---|" if teacher else ""),
     ]
