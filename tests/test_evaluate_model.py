@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from odkd.checkpoint import save_model
@@ -91,7 +92,8 @@ def annotate_with_own_detections(model, voc: Path, coco: Path, settings: dict) -
     coco.write_text(json.dumps(data))
 
 
-def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_scripts):
+@pytest.mark.parametrize("postprocess", [False, True], ids=["voc-odkd-nms", "coco-nms-in-graph"])
+def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_scripts, postprocess):
     """evaluate.py --onnx on the float export gives the AP of evaluate.py --checkpoint, with odkd's NMS
     after the file (VOC data, devkit AP) and with NMS in the file (COCO data, pycocotools AP).
 
@@ -106,46 +108,50 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_scripts)
     settings = {"score_threshold": 0.2, "top_k": 10, "max_detections": 10}
     coco_json = tmp_path / "coco/annotations/instances_test.json"
     annotate_with_own_detections(model, tmp_path / "voc" / "VOCSYN", coco_json, settings)
-    voc, coco = tmp_path / "voc.yaml", tmp_path / "coco.yaml"  # YAML reads JSON
-    voc_data = {"voc_root": str(tmp_path / "voc"), "test_sets": "SYN_test", "classes": "synthetic"}
-    voc.write_text(json.dumps({"data": voc_data, "eval": {**settings, "metric": "voc07"}}))
-    images = str(tmp_path / "coco/images")
-    files = {"train_json": str(coco_json), "train_images": images, "test_json": str(coco_json), "test_images": images}
-    coco_data = {"format": "coco", "classes": "synthetic", "coco": files}
-    coco.write_text(json.dumps({"data": coco_data, "eval": {**settings, "metric": "coco"}}))
     dataset = VOCDataset(tmp_path / "voc", "SYN_test", SYNTHETIC_CLASSES)
     detections = detect_dataset(model, dataset, num_workers=0, progress=False, settings=PostprocessSettings(**settings))
     for name, of_class in group_by_class(detections, dataset).items():
         assert len(of_class.scores) == 0 or (np.diff(np.sort(of_class.scores)) > 2e-5).all(), name
+    if postprocess:
+        annotations, images = str(coco_json), str(tmp_path / "coco/images")
+        files = {"train_json": annotations, "train_images": images, "test_json": annotations, "test_images": images}
+        data = {"format": "coco", "classes": "synthetic", "coco": files}
+    else:
+        data = {"voc_root": str(tmp_path / "voc"), "test_sets": "SYN_test", "classes": "synthetic"}
+    config = tmp_path / "config.yaml"  # YAML reads JSON
+    config.write_text(json.dumps({"data": data, "eval": {**settings, "metric": "coco" if postprocess else "voc07"}}))
 
-    for config, postprocess in ((voc, False), (coco, True)):
-        onnx_path = export_onnx(
-            model, tmp_path / f"m_{postprocess}.onnx", PostprocessSettings(**settings) if postprocess else None
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", PostprocessSettings(**settings) if postprocess else None)
+    models = {"--checkpoint": tmp_path / "m.pt", "--onnx": onnx_path}
+    outs = {flag: tmp_path / flag[2:] for flag in models}
+    written = "r.json" if postprocess else "r"
+    runs = run_scripts(
+        *(
+            ("evaluate.py", "--config", config, flag, path, "--detections", outs[flag] / written,
+             "--output-json", outs[flag] / "ap.json", "--workers", 0)
+            for flag, path in models.items()
         )
-        models = {"--checkpoint": tmp_path / "m.pt", "--onnx": onnx_path}
-        outs = {flag: tmp_path / f"{flag[2:]}_{postprocess}" for flag in models}
-        written = "r.json" if postprocess else "r"
-        runs = run_scripts(
-            *(
-                ("evaluate.py", "--config", config, flag, path, "--detections", outs[flag] / written,
-                 "--output-json", outs[flag] / "ap.json", "--workers", 0)
-                for flag, path in models.items()
-            )
-        )  # fmt: skip
-        for done in runs:
-            assert done.returncode == 0, done.stderr
-        results = {flag: json.loads((out / "ap.json").read_text()) for flag, out in outs.items()}
-        printed = "".join(done.stdout for done in runs)
-        assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in printed
-        assert results["--onnx"] == results["--checkpoint"]
-        assert 0 < results["--onnx"]["mAP"] < 1  # true and false positives
+    )  # fmt: skip
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    results = {flag: json.loads((out / "ap.json").read_text()) for flag, out in outs.items()}
+    printed = "".join(done.stdout for done in runs)
+    assert "onnxruntime on the CPU; post-processing " + ("in the graph" if postprocess else "odkd's") in printed
+    assert results["--onnx"] == results["--checkpoint"]
+    assert 0 < results["--onnx"]["mAP"] < 1  # true and false positives
 
-    # Bad arguments: two models, --device with an ONNX file, a file that is not there.
+
+def test_bad_model_arguments_are_refused(tmp_path, run_scripts):
+    """Two models, --device with an ONNX file, a file that is not there: refused with a message."""
+    make_synthetic_voc(tmp_path / "voc", {"test": 1}, seed=7, min_size=100, max_size=160)
+    config = tmp_path / "voc.yaml"
+    data = {"voc_root": str(tmp_path / "voc"), "test_sets": "SYN_test", "classes": "synthetic"}
+    config.write_text(json.dumps({"data": data}))
     cases = (
         (["--checkpoint", "m.pt", "--onnx", "m.onnx"], "give one model"),
         (["--onnx", "m.onnx", "--device", "cpu"], "--device is for --checkpoint"),
         (["--onnx", tmp_path / "nowhere.onnx"], "nowhere.onnx does not exist"),
     )
-    refused = run_scripts(*(("evaluate.py", "--config", voc, *argv) for argv, _ in cases))
+    refused = run_scripts(*(("evaluate.py", "--config", config, *argv) for argv, _ in cases))
     for (argv, message), done in zip(cases, refused, strict=True):
         assert done.returncode != 0 and message in done.stderr, (argv, done.stderr)
