@@ -60,6 +60,9 @@ class ModelConfig:
     init_checkpoint: str | None = None  # start from these weights (odkd model/training file)
     init_source: Literal["odkd", "ssd.pytorch", "qfgaohao"] = "odkd"  # format of init_checkpoint
     dfl_bins: int = 0  # > 0: distribution (DFL) box head, this many bin intervals per edge (GFL: 16); for ld
+    # The probability of background the class heads start with (e.g. 0.99; odkd.models.init_background_prior);
+    # none: zero bias, every class 1/C at the start, as SSD.
+    background_prior: float | None = None
 
 
 @dataclass
@@ -357,6 +360,7 @@ FRACTION: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
 IOU: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
 _RANGES: dict[str, Range] = {
     "model.width_mult": POSITIVE,
+    "model.background_prior": (lambda v: 0 < v < 1, "in (0, 1)"),
     "data.synthetic_sizes": COUNT,
     "data.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm needs two images per process in training)"),
     "data.num_workers": NOT_NEGATIVE,

@@ -82,6 +82,7 @@ def test_saved_config_loads_back_identical(tmp_path):
         ("train.ema_decay=1", r"train.ema_decay must be in \(0, 1\), got 1.0"),
         ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
         ("model.width_mult=0", "model.width_mult must be positive, got 0.0"),
+        ("model.background_prior=1", r"model.background_prior must be in \(0, 1\), got 1.0"),
         ("distill.balance_fraction=0", "distill.balance_fraction must be positive, got 0.0"),
     ],
 )

@@ -10,7 +10,7 @@ import torchvision
 from odkd.checkpoint import ModelFileError, atomic_save, load_model, save_model
 from odkd.files import FileWriteError
 from odkd.model_names import MODEL_NAMES, PRIOR_LAYOUT_NAMES
-from odkd.models import MODELS, build_model
+from odkd.models import MODELS, build_model, init_background_prior
 from odkd.models.pretrained import IMAGENET_WEIGHTS
 from odkd.models.vgg import L2Norm, reduced_fc_state_dict
 from odkd.preprocessing import IMAGENET, Preprocessing
@@ -76,6 +76,24 @@ def test_flattening_follows_prior_order():
         assert out.conf[0, p, c] == out.conf_maps[1][0, 5 * 3 + c, 2, 3]
     for j in range(4):
         assert out.loc[0, p, j] == out.loc_maps[1][0, 5 * 4 + j, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["vgg16_ssd300", "mobilenetv2_ssdlite300"])
+def test_background_prior_is_the_starting_probability_of_every_prior(name):
+    """With the class predictors' weights at 0 the scores are the softmax of the biases alone: p for the
+    background, (1 - p) / 4 for each of the 4 classes, on every prior of every level (so the bias is laid out
+    anchor-major, as the outputs are read). Float32: the softmax's exp, sum and division each round once
+    (each exact to eps relative), so the scores hold to 8 eps relative."""
+    model = build_model(name, num_classes=5).eval()
+    init_background_prior(model, 0.99)
+    with torch.no_grad():
+        for head in model.conf_heads:
+            head.predictor.weight.zero_()
+        scores = model(torch.randn(1, 3, 300, 300)).conf.softmax(-1)
+    expected = torch.tensor([0.99] + [0.01 / 4] * 4).expand_as(scores)
+    torch.testing.assert_close(scores, expected, rtol=8 * torch.finfo(torch.float32).eps, atol=0)
+    with pytest.raises(ValueError, match="in \\(0, 1\\), got 1"):
+        init_background_prior(model, 1)
 
 
 def test_wrong_input_size_is_reported():

@@ -39,7 +39,7 @@ from odkd.engine.task import DetectionTask
 from odkd.engine.trainer import CUDA_GRAPH_MODES, Trainer, TrainingError, TrainResult
 from odkd.files import check_output_path
 from odkd.inference import autocast_dtype
-from odkd.models import SSD, build_model
+from odkd.models import SSD, build_model, init_background_prior
 from odkd.visualize import training_examples
 
 __all__ = [
@@ -79,6 +79,8 @@ def build_detector(cfg: Config) -> SSD:
     model = build_model(
         cfg.model.name, cfg.num_classes, cfg.model.pretrained_backbone, cfg.model.width_mult, cfg.model.dfl_bins
     )
+    if cfg.model.background_prior is not None:  # before a checkpoint, whose biases then replace these
+        init_background_prior(model, cfg.model.background_prior)
     if cfg.model.init_checkpoint:
         copied, left = init_from_checkpoint(model, cfg.model.init_checkpoint, cfg.model.init_source)
         log.info("initialised %d tensors from %s (%d left as they were)", copied, cfg.model.init_checkpoint, left)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -24,7 +25,7 @@ from odkd.models.vgg import LITE_EXTRAS, SSD300_EXTRAS, VGGBackbone, reduced_fc_
 from odkd.preprocessing import IMAGENET
 from odkd.priors import LAYOUTS
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "init_background_prior"]
 
 Pretrained = str | os.PathLike | None
 
@@ -63,6 +64,24 @@ def _init_edge_bias(loc_heads: nn.ModuleList, dfl_bins: int) -> None:
         bias = head.predictor.bias
         with torch.no_grad():
             bias.copy_(logits.repeat(bias.numel() // len(logits)))
+
+
+def init_background_prior(model: SSD, background_prob: float) -> None:
+    """Set the class heads' last biases so that every prior starts with ``background_prob`` (in (0, 1))
+    of background and the rest shared by the C - 1 classes (the conv weights' share of the logits aside).
+
+    RetinaNet's prior-probability init (Lin et al. 2017) for a softmax head: the background logit's bias
+    is ``log(p (C - 1) / (1 - p))``, the classes' 0. A from-scratch detector then starts where it will be
+    on nearly every prior, and its first steps learn the objects instead of background (SSD starts at 1/C
+    for everything; docs/BENCHMARKS.md, "The CPU regime", measures what this changes)."""
+    if not 0 < background_prob < 1:
+        raise ValueError(f"background_prob must be in (0, 1), got {background_prob}")
+    logit = math.log(background_prob * (model.num_classes - 1) / (1 - background_prob))
+    with torch.no_grad():
+        for head in model.conf_heads:
+            bias = head.predictor.bias.view(-1, model.num_classes)  # (A, C): anchor-major, as _flatten reads
+            bias.zero_()
+            bias[:, 0] = logit
 
 
 def _vgg_ssd(
