@@ -567,15 +567,15 @@ def test_background_prior_changes_the_class_biases_and_nothing_else():
     without it, so the two arms of a paired comparison differ by the prior alone."""
     overrides = ["model.width_mult=0.25", "data.classes=[cat, dog, bird]"]
     torch.manual_seed(0)
-    plain = build_detector(load_config(None, overrides))
+    plain = build_detector(load_config(None, overrides)).state_dict()
     torch.manual_seed(0)
     prior = build_detector(load_config(None, [*overrides, "model.background_prior=0.99"]))
     background = math.log(0.99 * 3 / 0.01)
     for name, value in prior.state_dict().items():
         if re.fullmatch(r"conf_heads\.\d+\.predictor\.bias", name):
-            assert torch.equal(plain.state_dict()[name], torch.zeros_like(value))
+            assert torch.equal(plain[name], torch.zeros_like(value))
             expected = torch.zeros(value.numel() // 4, 4)
             expected[:, 0] = background
             assert torch.equal(value, expected.flatten()), name
         else:
-            assert torch.equal(value, plain.state_dict()[name]), name
+            assert torch.equal(value, plain[name]), name
