@@ -358,9 +358,10 @@ COUNT: Range = (lambda v: v >= 1, "at least 1")
 PROBABILITY: Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
 FRACTION: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
 IOU: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
+OPEN_UNIT: Range = (lambda v: 0 < v < 1, "in (0, 1)")
 _RANGES: dict[str, Range] = {
     "model.width_mult": POSITIVE,
-    "model.background_prior": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "model.background_prior": OPEN_UNIT,
     "data.synthetic_sizes": COUNT,
     "data.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm needs two images per process in training)"),
     "data.num_workers": NOT_NEGATIVE,
@@ -378,7 +379,7 @@ _RANGES: dict[str, Range] = {
     "optim.warmup_factor": IOU,
     "optim.grad_clip": POSITIVE,
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.ema_decay": OPEN_UNIT,
     **dict.fromkeys(
         ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.max_bad_steps"),
         COUNT,
