@@ -89,6 +89,11 @@ class DataConfig:
     synthetic: bool = False  # create the synthetic dataset (VOC: at voc_root; COCO: the parent of coco.train_images)
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
     synthetic_scale: float = 1.0  # multiplies the synthetic objects' sizes (capped at the image)
+    # What a synthetic image holds (odkd.data.synthetic.SyntheticLayout): (min, max) objects, the largest
+    # share of an object's box another may cover (1: any), random lines on the background.
+    synthetic_objects: list[int] = field(default_factory=lambda: [1, 4])
+    synthetic_max_overlap: float = 1.0
+    synthetic_lines: bool = True
     keep_difficult: bool = False  # keep difficult objects in the training targets
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping; reads each once at start
     batch_size: int = 32  # per process
@@ -363,6 +368,9 @@ _RANGES: dict[str, Range] = {
     "model.width_mult": POSITIVE,
     "model.background_prior": OPEN_UNIT,
     "data.synthetic_sizes": COUNT,
+    "data.synthetic_scale": POSITIVE,
+    "data.synthetic_objects": COUNT,
+    "data.synthetic_max_overlap": IOU,
     "data.batch_size": (lambda v: v >= 2, "at least 2 (BatchNorm needs two images per process in training)"),
     "data.num_workers": NOT_NEGATIVE,
     "loss.neg_pos_ratio": POSITIVE,
@@ -435,6 +443,8 @@ def _validate(cfg: Config, source: str) -> None:
     elif data.ignore_classes is not None and (both := sorted(set(data.ignore_classes) & set(cfg.class_names))):
         problems.append(f"data.ignore_classes: {both} are also in data.classes")
     problems += [f"data.augment.{problem}" for problem in data.augment.problems()]
+    if len(data.synthetic_objects) != 2 or data.synthetic_objects[0] > data.synthetic_objects[1]:
+        problems.append(f"data.synthetic_objects must be [min, max] with min <= max, got {data.synthetic_objects}")
     if data.classes == "dataset" and data.format != "coco":
         problems.append("data.classes 'dataset' reads the categories of a COCO file: set data.format coco")
     if cfg.eval.metric == "coco" and data.format != "coco":

@@ -1,6 +1,7 @@
 """VOC-format datasets, bad-data errors, the annotation cache, synthetic data, batching."""
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -19,7 +20,7 @@ from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
 from odkd.data.dataset import ImageFiles, check_image, read_image
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import _draw, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import SyntheticLayout, _draw, make_synthetic_coco, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
@@ -330,6 +331,55 @@ def test_an_interrupted_synthetic_rewrite_is_redone(tmp_path):
     assert all((fresh / f).read_bytes() == (folder / f).read_bytes() for f in files)
 
 
+def _covered(box, by) -> float:
+    """The share of ``box``'s area that ``by`` covers (x1, y1, x2, y2)."""
+    w = max(0, min(box[2], by[2]) - max(box[0], by[0]))
+    h = max(0, min(box[3], by[3]) - max(box[1], by[1]))
+    return w * h / ((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def _boxes_per_image(folder) -> list[list[tuple[int, int, int, int]]]:
+    dataset = VOCDataset(folder.parent, "SYN_trainval", SYNTHETIC_CLASSES, keep_difficult=True)
+    return [[tuple(int(v) for v in box) for box in ann.boxes] for ann in dataset.annotations]
+
+
+def test_synthetic_layout_draws_more_objects_apart(tmp_path):
+    """The evidence regime's layout (3-6 objects, none covering another by a quarter, no lines): every image
+    holds at most 6 objects, no box covers another by 0.25 or more (the default layout's do: objects hide
+    each other there), and there are more objects per image than by default. The default layout's marker
+    records no layout, so datasets written before the setting existed are reused."""
+    sizes = {"trainval": 40}
+    apart = make_synthetic_voc(tmp_path / "apart", sizes, layout=SyntheticLayout(1.3, (3, 6), 0.25, lines=False))
+    default = make_synthetic_voc(tmp_path / "default", sizes)
+    boxes, default_boxes = _boxes_per_image(apart), _boxes_per_image(default)
+    assert max(map(len, boxes)) <= 6
+    # VOC's 1-based inclusive pixels back to the drawn 0-based exclusive boxes: x1 - 1, x2 unchanged.
+    drawn = [[(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2 in image] for image in boxes]
+    assert all(_covered(a, b) < 0.25 for image in drawn for a in image for b in image if a is not b)
+    default_drawn = [[(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2 in image] for image in default_boxes]
+    assert any(_covered(a, b) >= 0.25 for image in default_drawn for a in image for b in image if a is not b)
+    assert sum(map(len, boxes)) > sum(map(len, default_boxes))
+    marker = json.loads((default / ".odkd_synthetic.json").read_text())
+    assert not {"object_scale", "objects", "max_overlap", "lines"} & marker.keys()
+    assert json.loads((apart / ".odkd_synthetic.json").read_text())["objects"] == [3, 6]
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (SyntheticLayout(objects=(0, 3)), r"objects must be \(min, max\) with 1 <= min <= max, got \(0, 3\)"),
+        (SyntheticLayout(objects=(5, 3)), r"objects must be \(min, max\) with 1 <= min <= max, got \(5, 3\)"),
+        (SyntheticLayout(max_overlap=0.0), r"max_overlap must be in \(0, 1\], got 0.0"),
+        (SyntheticLayout(object_scale=0.0), "object_scale must be positive, got 0.0"),
+    ],
+)
+def test_synthetic_layouts_that_make_no_dataset_are_refused(tmp_path, layout, message):
+    for make in (make_synthetic_voc, make_synthetic_coco):
+        with pytest.raises(ValueError, match=message):
+            make(tmp_path, {"trainval": 2}, layout=layout)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", SYNTHETIC_CLASSES)
 def test_synthetic_objects_fill_their_boxes(name):
     """The annotation is the drawn object's extent (a ring's stroke once stuck out of its box by up to 17 px)."""
@@ -533,3 +583,17 @@ def test_decoded_image_cache_built_by_two_runs_at_once(tmp_path):
     cache = cache_of(dataset, tmp_path / "cache", build=False)
     assert all(np.array_equal(cache[i], read_image(dataset.image_paths[i])) for i in range(len(dataset)))
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".lock", ".rgb"]
+
+
+def test_the_config_layout_writes_the_synthetic_data(tmp_path):
+    """``data.synthetic_*`` reach the generator: the dataset the config writes is the one the layout makes."""
+    from odkd.config import load_config
+    from odkd.engine.build import write_synthetic_data
+
+    keys = ["data.synthetic_scale=1.3", "data.synthetic_objects=[3, 6]", "data.synthetic_max_overlap=0.25",
+            "data.synthetic_lines=false", "data.synthetic_sizes={trainval: 3, test: 1}"]  # fmt: skip
+    write_synthetic_data(load_config(None, [f"data.voc_root={tmp_path / 'config'}", *keys]))
+    layout = SyntheticLayout(1.3, (3, 6), 0.25, lines=False)
+    direct = make_synthetic_voc(tmp_path / "direct", {"trainval": 3, "test": 1}, layout=layout)
+    for sub in (".odkd_synthetic.json", "Annotations/000002.xml", "JPEGImages/000003.jpg"):
+        assert (tmp_path / "config" / "VOCSYN" / sub).read_bytes() == (direct / sub).read_bytes()

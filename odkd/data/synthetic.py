@@ -6,6 +6,10 @@ seed always gives the same files. Tests, the demo and the benchmarks use it like
 
     make_synthetic_voc("data/synthetic", splits={"trainval": 400, "test": 100})
     VOCDataset("data/synthetic", "SYN_trainval", class_names=SYNTHETIC_CLASSES)
+
+:class:`SyntheticLayout` says what an image holds: by default 1-4 objects that may hide each other on a
+background crossed by random lines; the CPU regime (docs/BENCHMARKS.md) draws more objects, apart, on a
+background without lines.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -24,6 +29,7 @@ from odkd.class_names import SYNTHETIC_CLASSES
 
 __all__ = [
     "COCO_CATEGORY_IDS",
+    "SyntheticLayout",
     "check_synthetic_settings",
     "make_synthetic_coco",
     "make_synthetic_voc",
@@ -39,13 +45,48 @@ _STYLE = {
     "cross": ((200, 60, 200), (0.1, 0.3)),
 }
 _MARKER = ".odkd_synthetic.json"
+_PLACEMENT_TRIES = 10  # positions tried for an object that must not overlap the others; then it is left out
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Low-frequency colour noise + random lines + pixel noise: texture the detector must ignore."""
+@dataclass(frozen=True)
+class SyntheticLayout:
+    """What each synthetic image holds (the defaults: the original dataset).
+
+    ``object_scale`` multiplies every class's range of sizes (the largest at most 3/4 of the image's
+    shorter side); ``objects`` is the (min, max) number drawn per image; ``max_overlap`` is the largest
+    share of an object's box another object's box may cover (1: any, so later objects may hide earlier
+    ones; below 1 an object that finds no free place in a few tries is left out); ``lines``: random
+    coloured lines across the background, which look like the cross's bars.
+    """
+
+    object_scale: float = 1.0
+    objects: tuple[int, int] = (1, 4)
+    max_overlap: float = 1.0
+    lines: bool = True
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty when nothing is)."""
+        problems = []
+        if not self.object_scale > 0:
+            problems.append(f"object_scale must be positive, got {self.object_scale}")
+        if len(self.objects) != 2 or not 1 <= self.objects[0] <= self.objects[1]:
+            problems.append(f"objects must be (min, max) with 1 <= min <= max, got {self.objects}")
+        if not 0 < self.max_overlap <= 1:
+            problems.append(f"max_overlap must be in (0, 1], got {self.max_overlap}")
+        return problems
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults (the dataset marker records only those, so a dataset
+        written before a setting existed stays valid)."""
+        default = asdict(SyntheticLayout())
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v != default[k]}
+
+
+def _background(rng: np.random.Generator, height: int, width: int, lines: bool = True) -> np.ndarray:
+    """Low-frequency colour noise + random lines (``lines``) + pixel noise: texture the detector must ignore."""
     coarse = rng.integers(40, 200, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
     image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    for _ in range(rng.integers(3, 10)):
+    for _ in range(rng.integers(3, 10) if lines else 0):
         p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         colour = tuple(int(c) for c in rng.integers(0, 255, 3))
@@ -95,26 +136,49 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[tuple[
     return ET.tostring(root)
 
 
-def _make_image(rng: np.random.Generator, min_size: int, max_size: int, object_scale: float = 1.0):
-    width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-    image = _background(rng, height, width)
-    masks, placed = [], []
-    for _ in range(rng.integers(1, 5)):
-        name = SYNTHETIC_CLASSES[rng.integers(len(SYNTHETIC_CLASSES))]
-        colour, (lo, hi) = _STYLE[name]
-        side = min(width, height)
-        lo, hi = lo * object_scale, min(hi * object_scale, 0.75)  # with the jitter below, never past the image
+def _covered(box: tuple[int, int, int, int], by: tuple[int, int, int, int]) -> float:
+    """The share of ``box``'s area (x1, y1, x2, y2) that ``by`` covers."""
+    w = min(box[2], by[2]) - max(box[0], by[0])
+    h = min(box[3], by[3]) - max(box[1], by[1])
+    return max(w, 0) * max(h, 0) / ((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def _place(rng: np.random.Generator, width: int, height: int, lo: float, hi: float, placed: list, max_overlap: float):
+    """A box (x1, y1, x2, y2) of a side in [lo, hi] x the image's shorter side, covering no placed box (nor
+    covered by one) by ``max_overlap`` or more; None if no try finds one. The first try is always taken
+    when ``max_overlap`` is 1, so the default layout draws the same numbers as before the setting existed."""
+    side = min(width, height)
+    for _ in range(_PLACEMENT_TRIES):
         w = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
         h = max(_MIN_OBJECT_SIZE, int(side * rng.uniform(lo, hi) * rng.uniform(0.8, 1.25)))
         x1, y1 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        box = (x1, y1, x1 + w, y1 + h)
+        if max_overlap >= 1 or all(
+            _covered(box, other) < max_overlap and _covered(other, box) < max_overlap for _, other in placed
+        ):
+            return box
+    return None
+
+
+def _make_image(rng: np.random.Generator, min_size: int, max_size: int, layout: SyntheticLayout):
+    width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    image = _background(rng, height, width, layout.lines)
+    masks, placed = [], []
+    for _ in range(rng.integers(layout.objects[0], layout.objects[1] + 1)):
+        name = SYNTHETIC_CLASSES[rng.integers(len(SYNTHETIC_CLASSES))]
+        colour, (lo, hi) = _STYLE[name]
+        lo, hi = lo * layout.object_scale, min(hi * layout.object_scale, 0.75)  # with the jitter: inside the image
+        box = _place(rng, width, height, lo, hi, placed, layout.max_overlap)
+        if box is None:
+            continue
         jitter = rng.integers(-25, 26, 3)
         colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
         mask = np.zeros((height, width), dtype=np.uint8)
-        _draw(image, mask, name, (x1, y1, x1 + w, y1 + h), colour)
+        _draw(image, mask, name, box, colour)
         for earlier in masks:  # later objects occlude earlier ones
             earlier[mask > 0] = 0
         masks.append(mask)
-        placed.append((name, (x1, y1, x1 + w, y1 + h)))
+        placed.append((name, box))
     objects = []
     for (name, box), mask in zip(placed, masks, strict=True):
         drawn = _draw_area(name, box)
@@ -133,18 +197,22 @@ def _draw_area(name: str, box: tuple[int, int, int, int]) -> int:
 
 
 def check_synthetic_settings(
-    splits: dict[str, int], min_size: int, max_size: int, year: str = "SYN", object_scale: float = 1.0
+    splits: dict[str, int],
+    min_size: int,
+    max_size: int,
+    year: str = "SYN",
+    layout: SyntheticLayout = SyntheticLayout(),
 ) -> None:
     """ValueError naming the setting if these cannot make a dataset: every split needs at least one image,
-    image sides are ``min_size <= max_size``, at least an object's (6 pixels), objects have a positive
-    scale, and the year names a VOC<year> folder that image sets (``<year>_<set>``) can name."""
+    image sides are ``min_size <= max_size``, at least an object's (6 pixels), the layout is valid
+    (:meth:`SyntheticLayout.problems`), and the year names a VOC<year> folder that image sets
+    (``<year>_<set>``) can name."""
     problems = [f"split {name!r} needs at least 1 image, got {count}" for name, count in splits.items() if count < 1]
     if not splits:
         problems.append("no split to write")
     if min_size < _MIN_OBJECT_SIZE:
         problems.append(f"min_size must be at least {_MIN_OBJECT_SIZE} pixels (an object's side), got {min_size}")
-    if not object_scale > 0:
-        problems.append(f"object_scale must be positive, got {object_scale}")
+    problems += layout.problems()
     if min_size > max_size:
         problems.append(f"min_size {min_size} is above max_size {max_size}")
     if not year or any(c in year for c in "_+/\\"):
@@ -154,7 +222,7 @@ def check_synthetic_settings(
 
 
 def _synthetic_images(
-    splits: dict[str, int], seed: int, min_size: int, max_size: int, object_scale: float = 1.0
+    splits: dict[str, int], seed: int, min_size: int, max_size: int, layout: SyntheticLayout
 ) -> Iterator[tuple]:
     """``(split, image id, image RGB, width, height, objects)`` for every image of every split, in order."""
     rng = np.random.default_rng(seed)
@@ -163,7 +231,7 @@ def _synthetic_images(
         for _ in range(count):
             image_id = f"{counter:06d}"
             counter += 1
-            yield (split, image_id, *_make_image(rng, min_size, max_size, object_scale))
+            yield (split, image_id, *_make_image(rng, min_size, max_size, layout))
 
 
 def _up_to_date(folder: Path, settings: dict) -> bool:
@@ -187,28 +255,27 @@ def make_synthetic_voc(
     seed: int = 0,
     min_size: int = 240,
     max_size: int = 360,
-    object_scale: float = 1.0,
+    layout: SyntheticLayout = SyntheticLayout(),
 ) -> Path:
     """Write the dataset under ``root/VOC<year>/`` and return that folder.
 
-    ``splits`` maps image-set names to image counts (default trainval 400, test 100); ``object_scale``
-    multiplies every class's range of object sizes (the largest at most 3/4 of the image's shorter side).
+    ``splits`` maps image-set names to image counts (default trainval 400, test 100); ``layout`` says what
+    an image holds (:class:`SyntheticLayout`).
     If the folder already holds a dataset made with the same arguments, nothing is written again.
     ValueError for settings that make no dataset (:func:`check_synthetic_settings`).
     """
     splits = dict(splits or {"trainval": 400, "test": 100})
-    check_synthetic_settings(splits, min_size, max_size, year, object_scale)
+    check_synthetic_settings(splits, min_size, max_size, year, layout)
     folder = Path(root) / f"VOC{year}"
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "version": 1}
-    if object_scale != 1.0:  # datasets written before the setting existed stay valid
-        settings["object_scale"] = object_scale
+    settings.update(layout.changed())
     if _up_to_date(folder, settings):
         return folder
     _start_writing(folder, "ImageSets/Main/*.txt")
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     ids: dict[str, list[str]] = {split: [] for split in splits}
-    images = _synthetic_images(splits, seed, min_size, max_size, object_scale)
+    images = _synthetic_images(splits, seed, min_size, max_size, layout)
     for split, image_id, image, width, height, objects in images:
         cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         (folder / "Annotations" / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
@@ -229,18 +296,17 @@ def make_synthetic_coco(
     seed: int = 0,
     min_size: int = 240,
     max_size: int = 360,
-    object_scale: float = 1.0,
+    layout: SyntheticLayout = SyntheticLayout(),
 ) -> Path:
     """The same images as :func:`make_synthetic_voc` in COCO format: ``root/images/<id>.jpg`` and
     ``root/annotations/instances_<split>.json`` (image ids from 1, category ids :data:`COCO_CATEGORY_IDS`;
     VOC's difficult objects are ordinary objects here). Returns ``root``; nothing is written again if it
     already holds this dataset. ValueError as :func:`make_synthetic_voc`."""
     splits = dict(splits or {"trainval": 400, "test": 100})
-    check_synthetic_settings(splits, min_size, max_size, object_scale=object_scale)
+    check_synthetic_settings(splits, min_size, max_size, layout=layout)
     root = Path(root)
     settings = {"splits": splits, "seed": seed, "min_size": min_size, "max_size": max_size, "format": "coco"}
-    if object_scale != 1.0:
-        settings["object_scale"] = object_scale
+    settings.update(layout.changed())
     if _up_to_date(root, settings):
         return root
     _start_writing(root, "annotations/instances_*.json")
@@ -250,9 +316,7 @@ def make_synthetic_coco(
     categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in category_of.items()]
     files = {split: {"images": [], "annotations": [], "categories": categories} for split in splits}
     annotation_ids = itertools.count(1)
-    for split, image_id, image, width, height, objects in _synthetic_images(
-        splits, seed, min_size, max_size, object_scale
-    ):
+    for split, image_id, image, width, height, objects in _synthetic_images(splits, seed, min_size, max_size, layout):
         cv2.imwrite(str(root / "images" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         coco_id = int(image_id) + 1
         files[split]["images"].append({"id": coco_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})

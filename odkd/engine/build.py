@@ -20,7 +20,7 @@ from odkd.data import DatasetError, DetectionDataset, VOCDataset, build_loader, 
 from odkd.data.coco import COCODataset
 from odkd.data.dataset import ImageFiles, OpenImages
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import SyntheticLayout, make_synthetic_coco, make_synthetic_voc
 from odkd.device import select_device
 from odkd.engine.distributed import DistInfo, barrier, setup_distributed
 from odkd.engine.hooks import (
@@ -91,12 +91,13 @@ def build_detector(cfg: Config) -> SSD:
 def write_synthetic_data(cfg: Config) -> None:
     """Write the synthetic dataset ``cfg.data`` asks for (``data.synthetic``) where it says, if missing."""
     data = cfg.data
+    layout = SyntheticLayout(
+        data.synthetic_scale, tuple(data.synthetic_objects), data.synthetic_max_overlap, data.synthetic_lines
+    )
     if data.format == "coco":
-        make_synthetic_coco(
-            Path(data.coco.train_images).parent, data.synthetic_sizes, object_scale=data.synthetic_scale
-        )
+        make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes, layout=layout)
     else:
-        make_synthetic_voc(data.voc_root, data.synthetic_sizes, object_scale=data.synthetic_scale)
+        make_synthetic_voc(data.voc_root, data.synthetic_sizes, layout=layout)
 
 
 def _dataset_options(cfg: Config) -> dict:
