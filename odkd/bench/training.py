@@ -77,7 +77,9 @@ def _train_config(setup: TrainingSetup, output_dir: str, max_iters: int, log_eve
         f"model.name={setup.model}", f"model.width_mult={setup.width}", f"data.voc_root={setup.root}",
         "data.train_sets=SYN_trainval", "data.test_sets=''", f"data.classes=[{', '.join(benchmark_classes())}]",
         f"data.batch_size={setup.batch}", f"data.num_workers={setup.workers}", f"optim.max_iters={max_iters}",
-        "optim.warmup_iters=0",
+        # Speed does not depend on the lr, but a run that diverges stops: at the default lr with no warm-up
+        # the from-scratch VGG16-SSD300 (no BatchNorm) gave NaN losses from iteration 46 (H200, bf16, batch 64).
+        "optim.lr=1e-4", "optim.warmup_iters=100",
         f"train.output_dir={output_dir}", f"train.amp={setup.amp}", f"train.channels_last={setup.channels_last}",
         f"train.compile={setup.compile}", f"train.compile_mode={setup.compile_mode}",
         f"data.gt_padding={setup.gt_padding}",
