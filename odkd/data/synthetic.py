@@ -143,7 +143,9 @@ def _covered(box: tuple[int, int, int, int], by: tuple[int, int, int, int]) -> f
     return max(w, 0) * max(h, 0) / ((box[2] - box[0]) * (box[3] - box[1]))
 
 
-def _place(rng: np.random.Generator, width: int, height: int, lo: float, hi: float, placed: list, max_overlap: float):
+def _place(
+    rng: np.random.Generator, width: int, height: int, lo: float, hi: float, placed: list, max_overlap: float
+) -> tuple[int, int, int, int] | None:
     """A box (x1, y1, x2, y2) of a side in [lo, hi] x the image's shorter side, covering no placed box (nor
     covered by one) by ``max_overlap`` or more; None if no try finds one. The first try is always taken
     when ``max_overlap`` is 1, so the default layout draws the same numbers as before the setting existed."""
