@@ -394,6 +394,31 @@ def trainer_from_parts(cfg, make_task, hooks, max_iters=3):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("error", [RuntimeError, ConnectionResetError, EOFError])
+def test_loader_workers_ended_by_a_stop_signal_stop_the_run(tmp_path, error):
+    """A stop signal to the process group also ends the loader workers: torch reports the lost worker as a
+    RuntimeError, or, when it dies mid-transfer, as the pipe's ConnectionResetError or EOFError (seen under
+    load). After a stop request each ends the run like a stop after a step; without one it is an error."""
+    cfg = tiny_config(tmp_path, "optim.max_iters=3")
+    for stop in (True, False):
+        trainer = trainer_from_parts(cfg, DetectionTask, lambda model, run: [])
+        real = trainer.batches
+
+        def batches(start, trainer=trainer, real=real, stop=stop):
+            loader = iter(real(start))
+            yield next(loader)
+            trainer.stop_requested = stop  # the signal arrives while the next batch is being made
+            raise error("the loader's workers are gone")
+
+        trainer.batches = batches
+        if stop:
+            result = trainer.fit()
+            assert result.interrupted and result.iteration == 1
+        else:
+            with pytest.raises(error):
+                trainer.fit()
+
+
 @pytest.mark.parametrize("where", ["loss", "images"])
 def test_a_skipped_step_changes_no_weight_statistic_momentum_or_ema(tmp_path, caplog, where):
     """NaN in the loss, or already in the forward pass (which moves BatchNorm's running statistics before

@@ -217,9 +217,11 @@ class Trainer:
                 start = time.perf_counter()
                 try:
                     self.batch = next(batches)
-                except RuntimeError:
+                except (RuntimeError, ConnectionError, EOFError):
                     # A stop signal sent to the whole process group also ends the loader workers, so the
-                    # batch they were preparing never comes; the run stops here as it would after a step.
+                    # batch they were preparing never comes (torch reports a worker gone as RuntimeError,
+                    # or, when it dies mid-transfer, as the pipe's ConnectionResetError or EOFError); the run
+                    # stops here as it would after a step.
                     if not self.stop_requested:
                         raise
                     self.stopped = True
