@@ -20,7 +20,7 @@ from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
 from odkd.data.dataset import ImageFiles, check_image, read_image
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SyntheticLayout, _draw, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import SyntheticLayout, _covered, _draw, make_synthetic_coco, make_synthetic_voc
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
@@ -331,34 +331,27 @@ def test_an_interrupted_synthetic_rewrite_is_redone(tmp_path):
     assert all((fresh / f).read_bytes() == (folder / f).read_bytes() for f in files)
 
 
-def _covered(box, by) -> float:
-    """The share of ``box``'s area that ``by`` covers (x1, y1, x2, y2)."""
-    w = max(0, min(box[2], by[2]) - max(box[0], by[0]))
-    h = max(0, min(box[3], by[3]) - max(box[1], by[1]))
-    return w * h / ((box[2] - box[0]) * (box[3] - box[1]))
-
-
-def _boxes_per_image(folder) -> list[list[tuple[int, int, int, int]]]:
+def _drawn_boxes_per_image(folder) -> list[list[tuple[int, int, int, int]]]:
+    """The boxes as drawn (0-based, x2 exclusive): VOC's 1-based inclusive pixels give x1 - 1, x2 unchanged."""
     dataset = VOCDataset(folder.parent, "SYN_trainval", SYNTHETIC_CLASSES, keep_difficult=True)
-    return [[tuple(int(v) for v in box) for box in ann.boxes] for ann in dataset.annotations]
+    return [
+        [(int(x1) - 1, int(y1) - 1, int(x2), int(y2)) for x1, y1, x2, y2 in ann.boxes] for ann in dataset.annotations
+    ]
 
 
 def test_synthetic_layout_draws_more_objects_apart(tmp_path):
-    """The evidence regime's layout (3-6 objects, none covering another by a quarter, no lines): every image
+    """The layout tried for the CPU regime (3-6 objects, none covering another by a quarter, no lines): every image
     holds at most 6 objects, no box covers another by 0.25 or more (the default layout's do: objects hide
     each other there), and there are more objects per image than by default. The default layout's marker
     records no layout, so datasets written before the setting existed are reused."""
     sizes = {"trainval": 40}
     apart = make_synthetic_voc(tmp_path / "apart", sizes, layout=SyntheticLayout(1.3, (3, 6), 0.25, lines=False))
     default = make_synthetic_voc(tmp_path / "default", sizes)
-    boxes, default_boxes = _boxes_per_image(apart), _boxes_per_image(default)
-    assert max(map(len, boxes)) <= 6
-    # VOC's 1-based inclusive pixels back to the drawn 0-based exclusive boxes: x1 - 1, x2 unchanged.
-    drawn = [[(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2 in image] for image in boxes]
+    drawn, default_drawn = _drawn_boxes_per_image(apart), _drawn_boxes_per_image(default)
+    assert max(map(len, drawn)) <= 6
     assert all(_covered(a, b) < 0.25 for image in drawn for a in image for b in image if a is not b)
-    default_drawn = [[(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2 in image] for image in default_boxes]
     assert any(_covered(a, b) >= 0.25 for image in default_drawn for a in image for b in image if a is not b)
-    assert sum(map(len, boxes)) > sum(map(len, default_boxes))
+    assert sum(map(len, drawn)) > sum(map(len, default_drawn))
     marker = json.loads((default / ".odkd_synthetic.json").read_text())
     assert not {"object_scale", "objects", "max_overlap", "lines"} & marker.keys()
     assert json.loads((apart / ".odkd_synthetic.json").read_text())["objects"] == [3, 6]

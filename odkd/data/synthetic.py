@@ -8,8 +8,8 @@ seed always gives the same files. Tests, the demo and the benchmarks use it like
     VOCDataset("data/synthetic", "SYN_trainval", class_names=SYNTHETIC_CLASSES)
 
 :class:`SyntheticLayout` says what an image holds: by default 1-4 objects that may hide each other on a
-background crossed by random lines; the CPU regime (docs/BENCHMARKS.md) draws more objects, apart, on a
-background without lines.
+background crossed by random lines (docs/BENCHMARKS.md, "The CPU regime", measures a layout of more
+objects set apart on a background without lines).
 """
 
 from __future__ import annotations
