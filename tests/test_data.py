@@ -339,6 +339,13 @@ def _drawn_boxes_per_image(folder) -> list[list[tuple[int, int, int, int]]]:
     ]
 
 
+def test_covered_share_by_hand():
+    """(0, 0, 10, 10) and (5, 0, 20, 10) share a 5 x 10 strip: half of the first, 50 / 150 of the second."""
+    assert _covered((0, 0, 10, 10), (5, 0, 20, 10)) == 0.5
+    assert _covered((5, 0, 20, 10), (0, 0, 10, 10)) == 50 / 150
+    assert _covered((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # x2 is exclusive: touching boxes share nothing
+
+
 def test_synthetic_layout_draws_more_objects_apart(tmp_path):
     """The layout tried for the CPU regime (3-6 objects, none covering another by a quarter, no lines): every image
     holds at most 6 objects, no box covers another by 0.25 or more (the default layout's do: objects hide
