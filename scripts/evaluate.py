@@ -10,6 +10,8 @@ writes the devkit result files to --detections, and scores those files the same 
 
     python scripts/evaluate.py --checkpoint runs/x/best.pt --voc-root VOCdevkit --year 2007 --image-set test \\
         --detections runs/x/results --pr-curves runs/x/pr.png --draw 16
+    python scripts/evaluate.py --config configs/demo_student_synthetic.yaml --checkpoint runs/demo_student/best.pt \
+        --found     # per class: objects found, and how high they are scored (why an AP is low)
     python scripts/evaluate.py --config configs/demo_teacher_synthetic.yaml --checkpoint runs/demo_teacher/best.pt
 
 From an exported ONNX file (``scripts/export_onnx.py``: float or INT8, with or without NMS in the graph), run
@@ -38,11 +40,14 @@ from typing import TYPE_CHECKING
 from odkd.config import Config, evaluation_config
 from odkd.eval import (
     METRICS,
+    ClassFound,
     COCOResult,
     VOCResult,
     devkit_image_set,
     evaluate_results,
+    format_found_table,
     format_result,
+    found_per_class,
     group_by_class,
     read_coco_results,
     read_devkit_results,
@@ -106,16 +111,21 @@ def draw_grid(dataset: DetectionDataset, detections: dict[int, ImageDetections],
     print(f"wrote {out}")
 
 
-def evaluate(args: argparse.Namespace, cfg: Config) -> VOCResult | COCOResult:
+def evaluate(args: argparse.Namespace, cfg: Config) -> tuple[VOCResult | COCOResult, dict[str, ClassFound] | None]:
     """Run the model and write its result files (with --checkpoint or --onnx), then score the result files:
-    devkit files in a folder (VOC data) or a COCO results file."""
+    devkit files in a folder (VOC data) or a COCO results file. With --found, also what the model found per
+    class (else None)."""
     from odkd.engine.build import build_test_set
 
     coco = cfg.data.format == "coco"
     dataset = build_test_set(cfg, reads_images=args.model_file is not None)
     image_set = None if coco else devkit_image_set(cfg.data.test_sets)
+    found = None
     if args.model_file is not None:
-        per_class = group_by_class(run_model(args, cfg, dataset), dataset)
+        per_image = run_model(args, cfg, dataset)
+        if args.found:
+            found = found_per_class(per_image, dataset.annotations, dataset.class_names)
+        per_class = group_by_class(per_image, dataset)
         if coco:
             print(f"wrote {write_coco_results(per_class, dataset, args.detections)}")
         else:
@@ -125,13 +135,21 @@ def evaluate(args: argparse.Namespace, cfg: Config) -> VOCResult | COCOResult:
         detections = read_coco_results(args.detections, dataset)
     else:
         detections = read_devkit_results(args.detections, image_set, dataset.class_names)
-    return evaluate_results(detections, dataset, cfg.eval.metric)
+    return evaluate_results(detections, dataset, cfg.eval.metric), found
 
 
-def report(result: VOCResult | COCOResult, output_json: Path | None, pr_curves: Path | None = None) -> None:
-    """Print the AP table; write the result's JSON (``{"metric", "mAP", "ap", ...}``, null for a class without
-    GT) and the precision-recall curves (devkit metrics) if asked."""
+def report(
+    result: VOCResult | COCOResult,
+    output_json: Path | None,
+    pr_curves: Path | None = None,
+    found: dict[str, ClassFound] | None = None,
+) -> None:
+    """Print the AP table (and the found table, if given); write the result's JSON (``{"metric", "mAP", "ap",
+    ...}``, null for a class without GT) and the precision-recall curves (devkit metrics) if asked."""
     print(format_result(result))
+    if found is not None:
+        print("\nFound: the best-scoring detection over the object (IoU >= 0.5) is of its class")
+        print(format_found_table(found, result.ap if isinstance(result, VOCResult) else None))
     if output_json is not None:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(result.to_json(), indent=1) + "\n")
@@ -177,6 +195,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draw", type=int, default=0, help="model mode: draw the first N images' detections")
     parser.add_argument("--draw-threshold", type=float, default=0.3, help="least score drawn")
     parser.add_argument("--draw-output", type=Path, help="grid picture path (default: DETECTIONS/detections.jpg)")
+    parser.add_argument(
+        "--found",
+        action="store_true",
+        help="model mode: per class, the share of objects found (the best-scoring detection over each is of its "
+        "class) and their median score: a low AP with most objects found is a class found but not scored",
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="--checkpoint's (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=4, help="data loader workers in model mode")
     args = parser.parse_args(argv)
@@ -189,6 +213,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "without --checkpoint or --onnx, --detections must name the detections to score (and --draw needs a model)"
         )
+    if args.found and args.model_file is None:
+        parser.error("--found needs a model (--checkpoint or --onnx): it reads each image's detections")
     if args.workers < 0 or args.draw < 0:
         parser.error(f"--workers and --draw count from 0, got {args.workers} and {args.draw}")
     return args
@@ -223,10 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 check_output_path(path, what)
         if args.model_file is not None:
             check_output_path(args.detections, "--detections", folder=not coco)
-        result = evaluate(args, cfg)
+        result, found = evaluate(args, cfg)
     except (OSError, ValueError, RuntimeError) as err:  # DatasetError and ConfigError are ValueErrors
         sys.exit(f"error: {err}")
-    report(result, args.output_json, args.pr_curves)
+    report(result, args.output_json, args.pr_curves, found)
 
 
 if __name__ == "__main__":

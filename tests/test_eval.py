@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from odkd.class_names import VOC_CLASSES
+from odkd.data import ImageDetections
 from odkd.data.voc import Annotation, load_annotations
 from odkd.eval import (
     average_precision,
     evaluate,
     format_ap_table,
+    format_found_table,
+    found_per_class,
     match_detections,
     match_detections_reference,
     precision_recall,
@@ -319,3 +322,43 @@ def test_script_reports_bad_input_in_one_line(tmp_path, run_script):
     message = done.stderr.strip()
     assert done.returncode == 1
     assert message.startswith(f"error: {tmp_path / 'nowhere' / 'VOC2007'} does not exist") and "\n" not in message
+
+
+def test_found_per_class_by_hand():
+    """Found = the best-scoring detection overlapping the object (devkit IoU >= 0.5, any class) is of its class.
+
+    Image 0: the disc is covered by a block detection (0.9) above a disc detection (0.3): not found; the block is
+    found at 0.6. Image 1: a disc detection shifted by 1 pixel (IoU 90/110) at 0.4 finds the disc; a disc
+    detection at 0.95 shifted by 5 pixels (IoU 50/150) does not count; the difficult disc is left out.
+    Image 2 has no detections: its disc is not found."""
+
+    def annotation(boxes, labels, difficult):
+        return Annotation("x", 100, 100, np.array(boxes, np.float32), np.array(labels), np.array(difficult))
+
+    def detections(boxes, scores, labels):
+        return ImageDetections(np.array(boxes, np.float64), np.array(scores, np.float32), np.array(labels))
+
+    square = [0, 0, 9, 9]
+    annotations = [
+        annotation([square, [20, 20, 29, 29]], [1, 2], [False, False]),
+        annotation([square, [50, 50, 59, 59]], [1, 1], [False, True]),
+        annotation([square], [1], [False]),
+    ]
+    found = found_per_class(
+        {
+            0: detections([square, square, [20, 20, 29, 29]], [0.9, 0.3, 0.6], [2, 1, 2]),
+            1: detections([[5, 0, 14, 9], [1, 0, 10, 9]], [0.95, 0.4], [1, 1]),
+        },
+        annotations,
+        ("disc", "block", "triangle"),
+    )
+    assert found["disc"].objects == 3 and found["disc"].found == 1
+    assert found["disc"].median_score == pytest.approx(0.4)  # float32: rel. error <= 2**-24 < approx's 1e-6
+    assert found["block"] == (1, 1, pytest.approx(0.6))
+    triangle = found["triangle"]
+    assert triangle.objects == 0 and triangle.found == 0 and math.isnan(triangle.median_score)
+
+    table = format_found_table(found, {"disc": 0.25, "block": 1.0, "triangle": math.nan}).splitlines()
+    assert table[1].split() == ["disc", "3", "33.3", "0.40", "25.00"]
+    assert table[2].split() == ["block", "1", "100.0", "0.60", "100.00"]
+    assert table[3].split() == ["triangle", "0", "-", "-", "-"]

@@ -44,9 +44,12 @@ def test_model_mode_writes_results_scores_and_pictures(tmp_path, run_script):
     # The same through a config, and a class list that does not fit the model is refused clearly.
     config = tmp_path / "cfg.yaml"
     config.write_text(f"data: {{voc_root: {tmp_path / 'voc'}, test_sets: SYN_test, classes: synthetic}}\n")
-    done = run_script("evaluate.py", "--config", config, "--checkpoint", tmp_path / "m.pt", "--workers", 0)
+    done = run_script("evaluate.py", "--config", config, "--checkpoint", tmp_path / "m.pt", "--workers", 0, "--found")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "results_m" / "comp4_det_test_disc.txt").is_file()
+    found_table = done.stdout.split("Found: ")[1].splitlines()
+    assert found_table[1].split() == ["class", "GT", "found", "%", "median", "score", "AP", "%"]
+    assert [line.split()[0] for line in found_table[2:]] == list(SYNTHETIC_CLASSES)
     six = ",".join([*SYNTHETIC_CLASSES, "extra"])
     done = run_script("evaluate.py", "--config", config, "--checkpoint", tmp_path / "m.pt", "--classes", six)
     assert done.returncode == 1 and "predicts 5 classes but the class list has 6" in done.stderr
@@ -142,7 +145,8 @@ def test_onnx_export_scores_what_the_pytorch_model_scores(tmp_path, run_scripts,
 
 
 def test_bad_model_arguments_are_refused(tmp_path, run_scripts):
-    """Two models, --device with an ONNX file, a file that is not there: refused with a message."""
+    """Two models, --device with an ONNX file, a file that is not there, --found without a model: refused with a
+    message."""
     make_synthetic_voc(tmp_path / "voc", {"test": 1}, seed=7, min_size=100, max_size=160)
     config = tmp_path / "voc.yaml"
     data = {"voc_root": str(tmp_path / "voc"), "test_sets": "SYN_test", "classes": "synthetic"}
@@ -151,6 +155,7 @@ def test_bad_model_arguments_are_refused(tmp_path, run_scripts):
         (["--checkpoint", "m.pt", "--onnx", "m.onnx"], "give one model"),
         (["--onnx", "m.onnx", "--device", "cpu"], "--device is for --checkpoint"),
         (["--onnx", tmp_path / "nowhere.onnx"], "nowhere.onnx does not exist"),
+        (["--detections", tmp_path, "--found"], "--found needs a model"),
     )
     refused = run_scripts(*(("evaluate.py", "--config", config, *argv) for argv, _ in cases))
     for (argv, message), done in zip(cases, refused, strict=True):

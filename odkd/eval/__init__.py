@@ -19,6 +19,7 @@ from odkd.eval.coco import (
     read_coco_results,
     write_coco_results,
 )
+from odkd.eval.found import ClassFound, format_found_table, found_per_class
 from odkd.eval.voc import *  # noqa: F403  (the public API of odkd.eval.voc, listed in its __all__)
 from odkd.eval.voc import ClassDetections, VOCResult, evaluate, format_ap_table
 
@@ -28,11 +29,14 @@ if TYPE_CHECKING:  # scoring needs no torch: the data package loads it
 __all__ = [
     *voc.__all__,
     "COCO_STATS",
+    "ClassFound",
     "COCOResult",
     "evaluate_coco",
     "evaluate_dataset",
     "evaluate_results",
     "format_coco_table",
+    "format_found_table",
+    "found_per_class",
     "format_result",
     "group_by_class",
     "read_coco_results",
