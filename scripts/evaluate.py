@@ -10,7 +10,7 @@ writes the devkit result files to --detections, and scores those files the same 
 
     python scripts/evaluate.py --checkpoint runs/x/best.pt --voc-root VOCdevkit --year 2007 --image-set test \\
         --detections runs/x/results --pr-curves runs/x/pr.png --draw 16
-    python scripts/evaluate.py --config configs/demo_student_synthetic.yaml --checkpoint runs/demo_student/best.pt \
+    python scripts/evaluate.py --config configs/demo_student_synthetic.yaml --checkpoint runs/demo_student/best.pt \\
         --found     # per class: objects found, and how high they are scored (why an AP is low)
     python scripts/evaluate.py --config configs/demo_teacher_synthetic.yaml --checkpoint runs/demo_teacher/best.pt
 

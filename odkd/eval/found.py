@@ -54,9 +54,10 @@ def found_per_class(
         )  # (objects, detections)
         scores = np.where(overlaps >= iou_threshold, image.scores[None, :], -np.inf)
         best = scores.argmax(axis=1)
-        for label, detection, score in zip(gt_labels, best, scores[np.arange(len(best)), best], strict=True):
-            if score > -np.inf and image.labels[detection] == label:
-                found_scores[label - 1].append(float(score))
+        best_score = scores[np.arange(len(best)), best]
+        found = (best_score > -np.inf) & (image.labels[best] == gt_labels)
+        for label, score in zip(gt_labels[found], best_score[found], strict=True):
+            found_scores[label - 1].append(float(score))
     medians = [float(np.median(scores)) if scores else math.nan for scores in found_scores]
     return {name: ClassFound(int(objects[c]), len(found_scores[c]), medians[c]) for c, name in enumerate(class_names)}
 
