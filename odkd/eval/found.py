@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from odkd.eval.voc import _iou_rows
+from odkd.eval.voc import devkit_iou_rows
 
 if TYPE_CHECKING:
     from odkd.data import Annotation, ImageDetections
@@ -49,9 +49,7 @@ def found_per_class(
         image = detections.get(index)
         if image is None or len(image.scores) == 0 or len(gt_boxes) == 0:
             continue
-        overlaps = _iou_rows(
-            gt_boxes.astype(np.float64), np.broadcast_to(image.boxes, (len(gt_boxes), *image.boxes.shape))
-        )  # (objects, detections)
+        overlaps = devkit_iou_rows(gt_boxes.astype(np.float64), image.boxes)  # (objects, detections)
         scores = np.where(overlaps >= iou_threshold, image.scores[None, :], -np.inf)
         best = scores.argmax(axis=1)
         best_score = scores[np.arange(len(best)), best]

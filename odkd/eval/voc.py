@@ -43,6 +43,7 @@ __all__ = [
     "VOCResult",
     "average_precision",
     "devkit_image_set",
+    "devkit_iou_rows",
     "evaluate",
     "format_ap_table",
     "match_detections",
@@ -139,8 +140,9 @@ def match_detections_reference(
     return tp, fp
 
 
-def _iou_rows(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """Devkit IoU of each box ``(n, 4)`` with each of its GT boxes ``(n, w, 4)`` -> ``(n, w)``."""
+def devkit_iou_rows(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """Devkit IoU (inclusive pixel boxes, ``+1`` sizes) of each box ``(n, 4)`` with each of its GT boxes
+    ``(n, w, 4)``, or with each of the same ``(w, 4)`` boxes -> ``(n, w)``."""
     d = boxes[:, None, :]
     iw = np.maximum(np.minimum(d[..., 2], gt_boxes[..., 2]) - np.maximum(d[..., 0], gt_boxes[..., 0]) + 1.0, 0.0)
     ih = np.maximum(np.minimum(d[..., 3], gt_boxes[..., 3]) - np.maximum(d[..., 1], gt_boxes[..., 1]) + 1.0, 0.0)
@@ -172,7 +174,7 @@ def _best_overlaps(
         chunk = slice(lo, lo + rows_per_chunk)
         image = image_index[chunk, None]
         gt = by_image[np.minimum(start[image] + slot, len(by_image) - 1)]  # (n, width)
-        overlaps = np.where(slot < count[image], _iou_rows(boxes[chunk], gt_boxes[gt]), -np.inf)
+        overlaps = np.where(slot < count[image], devkit_iou_rows(boxes[chunk], gt_boxes[gt]), -np.inf)
         column = overlaps.argmax(axis=1)
         rows = np.arange(len(column))
         ovmax[chunk] = overlaps[rows, column]
