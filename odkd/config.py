@@ -90,10 +90,12 @@ class DataConfig:
     synthetic_sizes: dict[str, int] = field(default_factory=lambda: {"trainval": 400, "test": 100})
     synthetic_scale: float = 1.0  # multiplies the synthetic objects' sizes (capped at the image)
     # What a synthetic image holds (odkd.data.synthetic.SyntheticLayout): (min, max) objects, the largest
-    # share of an object's box another may cover (1: any), random lines on the background.
+    # share of an object's box another may cover (1: any), random lines on the background, a colour per class
+    # (false: random colours, the shape alone tells the class).
     synthetic_objects: list[int] = field(default_factory=lambda: [1, 4])
     synthetic_max_overlap: float = 1.0
     synthetic_lines: bool = True
+    synthetic_class_colours: bool = True
     keep_difficult: bool = False  # keep difficult objects in the training targets
     skip_invalid: bool = False  # skip images with bad data (warning each) instead of stopping; reads each once at start
     batch_size: int = 32  # per process

@@ -20,7 +20,15 @@ from odkd.class_names import SYNTHETIC_CLASSES
 from odkd.data import VOCDataset, build_loader, build_transform, collate, load_annotations, prefetch_to_device
 from odkd.data.dataset import ImageFiles, check_image, read_image
 from odkd.data.image_cache import ImageCache
-from odkd.data.synthetic import SyntheticLayout, _covered, _draw, make_synthetic_coco, make_synthetic_voc
+from odkd.data.synthetic import (
+    _STYLE,
+    SyntheticLayout,
+    _covered,
+    _draw,
+    _make_image,
+    make_synthetic_coco,
+    make_synthetic_voc,
+)
 from odkd.data.voc import DatasetError, parse_image_sets
 from odkd.losses import MultiBoxLoss
 from odkd.matching import match
@@ -360,8 +368,33 @@ def test_synthetic_layout_draws_more_objects_apart(tmp_path):
     assert any(_covered(a, b) >= 0.25 for image in default_drawn for a in image for b in image if a is not b)
     assert sum(map(len, drawn)) > sum(map(len, default_drawn))
     marker = json.loads((default / ".odkd_synthetic.json").read_text())
-    assert not {"object_scale", "objects", "max_overlap", "lines"} & marker.keys()
+    assert not {"object_scale", "objects", "max_overlap", "lines", "class_colours"} & marker.keys()
     assert json.loads((apart / ".odkd_synthetic.json").read_text())["objects"] == [3, 6]
+
+
+def _centre_colours(layout: SyntheticLayout, images: int) -> dict[str, list[np.ndarray]]:
+    """Per class, the colour drawn at the centre of each image's one object (rings left out: their centre
+    is background), read from the image before it is written as JPEG."""
+    rng, colours = np.random.default_rng(0), {}
+    for _ in range(images):
+        image, _, _, objects = _make_image(rng, 240, 360, layout)
+        for name, (x1, y1, x2, y2), _ in objects:
+            if name != "ring":
+                colours.setdefault(name, []).append(image[y1 + (y2 - y1) // 2, x1 + (x2 - x1) // 2].astype(int))
+    return colours
+
+
+def test_synthetic_layout_without_class_colours_leaves_the_shape_alone():
+    """By default each class has its colour, jittered by at most 25 per channel; without class colours an
+    object's colour is drawn from all of RGB, where a colour within 25 of the class's in every channel has
+    probability (51 / 256)^3 < 1%: more than 90% of the objects are further than that."""
+    layout = SyntheticLayout(objects=(1, 1))
+    for name, colours in _centre_colours(layout, 60).items():
+        assert all(np.abs(c - _STYLE[name][0]).max() <= 25 for c in colours), name
+    shapes_only = _centre_colours(SyntheticLayout(objects=(1, 1), class_colours=False), 60)
+    assert set(shapes_only) == {"disc", "block", "triangle", "cross"}
+    for name, colours in shapes_only.items():
+        assert np.mean([np.abs(c - _STYLE[name][0]).max() > 25 for c in colours]) > 0.9, name
 
 
 @pytest.mark.parametrize(
@@ -591,9 +624,10 @@ def test_the_config_layout_writes_the_synthetic_data(tmp_path):
     from odkd.engine.build import write_synthetic_data
 
     keys = ["data.synthetic_scale=1.3", "data.synthetic_objects=[3, 6]", "data.synthetic_max_overlap=0.25",
-            "data.synthetic_lines=false", "data.synthetic_sizes={trainval: 3, test: 1}"]  # fmt: skip
+            "data.synthetic_lines=false", "data.synthetic_class_colours=false",
+            "data.synthetic_sizes={trainval: 3, test: 1}"]  # fmt: skip
     write_synthetic_data(load_config(None, [f"data.voc_root={tmp_path / 'config'}", *keys]))
-    layout = SyntheticLayout(1.3, (3, 6), 0.25, lines=False)
+    layout = SyntheticLayout(1.3, (3, 6), 0.25, lines=False, class_colours=False)
     direct = make_synthetic_voc(tmp_path / "direct", {"trainval": 3, "test": 1}, layout=layout)
     for sub in (".odkd_synthetic.json", "Annotations/000002.xml", "JPEGImages/000003.jpg"):
         assert (tmp_path / "config" / "VOCSYN" / sub).read_bytes() == (direct / sub).read_bytes()

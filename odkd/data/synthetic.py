@@ -8,8 +8,9 @@ seed always gives the same files. Tests, the demo and the benchmarks use it like
     VOCDataset("data/synthetic", "SYN_trainval", class_names=SYNTHETIC_CLASSES)
 
 :class:`SyntheticLayout` says what an image holds: by default 1-4 objects that may hide each other on a
-background crossed by random lines (docs/BENCHMARKS.md, "The CPU regime", measures a layout of more
-objects set apart on a background without lines).
+background crossed by random lines, each class in its colour (docs/BENCHMARKS.md, "The CPU regime",
+measures a layout of more objects set apart on a background without lines, and one where objects get
+random colours, so that only the shape tells the class).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ class SyntheticLayout:
     shorter side); ``objects`` is the (min, max) number drawn per image; ``max_overlap`` is the largest
     share of an object's box another object's box may cover (1: any, so later objects may hide earlier
     ones; below 1 an object that finds no free place in a few tries is left out); ``lines``: random
-    coloured lines across the background, which look like the cross's bars.
+    coloured lines across the background, which look like the cross's bars; ``class_colours``: each class
+    has its colour (jittered), else every object gets a random colour and only its shape tells its class.
     """
 
     object_scale: float = 1.0
     objects: tuple[int, int] = (1, 4)
     max_overlap: float = 1.0
     lines: bool = True
+    class_colours: bool = True
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when nothing is)."""
@@ -173,8 +176,11 @@ def _make_image(rng: np.random.Generator, min_size: int, max_size: int, layout: 
         box = _place(rng, width, height, lo, hi, placed, layout.max_overlap)
         if box is None:
             continue
-        jitter = rng.integers(-25, 26, 3)
-        colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
+        if layout.class_colours:
+            jitter = rng.integers(-25, 26, 3)
+            colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
+        else:
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         mask = np.zeros((height, width), dtype=np.uint8)
         _draw(image, mask, name, box, colour)
         for earlier in masks:  # later objects occlude earlier ones
