@@ -69,8 +69,12 @@ class Experiment:
     teacher: Arm | None = None  # trained once (its config's seed); distilled arms distil from its final model
     overrides: tuple[str, ...] = ()  # for every run, the teacher's included
 
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self.arms]
+
     def __post_init__(self) -> None:
-        names = [arm.name for arm in self.arms]
+        names = self.arm_names
         if not names or len(set(names)) != len(names) or TEACHER in names:
             raise ConfigError(f"experiment arms need distinct names (and none called {TEACHER!r}), got {names}")
         if self.baseline not in names:
@@ -256,6 +260,9 @@ def run_experiment(
 
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    unknown = sorted(set(arms or ()) - {a.name for a in experiment.arms})
+    if unknown:
+        raise ConfigError(f"no arm named {', '.join(unknown)} in the experiment (its arms: {experiment.arm_names})")
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
     plan: list[tuple[str, int | None, Config]] = []
     teacher_file = None

@@ -46,6 +46,9 @@ def main() -> None:
         # `compare.py section.key=value`: overrides of the demo experiment, not an experiment file
         args.overrides.insert(0, str(args.experiment))
         args.experiment = None
+    if args.only:  # `--only a b section.key=value`: --only takes every word after it; overrides are not arm names
+        args.overrides += [name for name in args.only if "=" in name]
+        args.only = [name for name in args.only if "=" not in name]
 
     from odkd.compare import Arm, Experiment, load_experiment, run_experiment, write_report
     from odkd.config import ConfigError

@@ -87,6 +87,23 @@ def test_report_lists_only_the_arms_that_ran():
     assert "b.yaml" not in markdown(data)
 
 
+def test_only_names_arms_and_leaves_overrides_to_every_run(tmp_path, run_scripts):
+    """``--only`` takes every word after it: an arm name that is not in the experiment is refused before
+    anything runs (it was once ignored, so a run went ahead without the overrides typed after it), and a
+    ``section.key=value`` there is an override of every run, checked like one."""
+    experiment = Experiment([Arm("alone", None), Arm("kd", None)], "alone", [1], str(tmp_path / "cmp"))
+    with pytest.raises(ConfigError, match=r"no arm named ghost in the experiment \(its arms: \['alone', 'kd'\]\)"):
+        run_experiment(experiment, device="cpu", arms=["kd", "ghost"])
+    demo = "configs/demo_student_synthetic.yaml"
+    ghost, typo = run_scripts(
+        ("compare.py", "--arm", "alone", demo, "--output-dir", tmp_path / "a", "--only", "ghost"),
+        ("compare.py", "--arm", "alone", demo, "--output-dir", tmp_path / "b", "--only", "alone", "optim.lr=-1"),
+    )
+    assert ghost.returncode == 1 and "error: no arm named ghost" in ghost.stderr
+    assert typo.returncode == 1 and "optim.lr must be positive" in typo.stderr, typo.stderr[-500:]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_experiment_files_are_checked(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump({"arms": {"a": {"config": "c.yaml"}, "b": {"overrides": ["optim.lr=0.1"]}}}))
