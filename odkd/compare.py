@@ -260,7 +260,7 @@ def run_experiment(
 
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
-    unknown = sorted(set(arms or ()) - {a.name for a in experiment.arms})
+    unknown = sorted(set(arms or ()) - set(experiment.arm_names))
     if unknown:
         raise ConfigError(f"no arm named {', '.join(unknown)} in the experiment (its arms: {experiment.arm_names})")
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]

@@ -11,7 +11,8 @@ Each arm is a config file plus overrides; the same seed gives every arm the same
 order and augmentation, so the difference to the baseline is paired by seed. Prints and writes
 compare.md, compare.json, compare.png (per-class AP, loss terms) and detections.jpg to the output
 folder. Run it again to add seeds or arms: finished runs of an unchanged config are reused, cut ones
-resumed. Overrides (section.key=value, after the experiment file if one is given) apply to every run.
+resumed. Overrides (section.key=value, after the experiment file if one is given) apply to every run;
+after `--only`, the words with an `=` are overrides and the others arm names.
 """
 
 from __future__ import annotations
