@@ -92,11 +92,11 @@ def write_synthetic_data(cfg: Config) -> None:
     """Write the synthetic dataset ``cfg.data`` asks for (``data.synthetic``) where it says, if missing."""
     data = cfg.data
     layout = SyntheticLayout(
-        data.synthetic_scale,
-        tuple(data.synthetic_objects),
-        data.synthetic_max_overlap,
-        data.synthetic_lines,
-        data.synthetic_class_colours,
+        object_scale=data.synthetic_scale,
+        objects=tuple(data.synthetic_objects),
+        max_overlap=data.synthetic_max_overlap,
+        lines=data.synthetic_lines,
+        class_colours=data.synthetic_class_colours,
     )
     if data.format == "coco":
         make_synthetic_coco(Path(data.coco.train_images).parent, data.synthetic_sizes, layout=layout)
