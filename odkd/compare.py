@@ -2,9 +2,11 @@
 
 An experiment is a few *arms*, each a config file plus overrides, trained with the same seeds; one arm
 is the baseline (usually the student alone), and an optional *teacher* is trained once and given to
-every distilled arm. The same seed gives every arm the same initial student weights, data order and
-augmentation, so ``arm - baseline`` on one seed is a paired difference; over n seeds its mean and its
-95% confidence interval (paired t) say whether a method helps, and by how much::
+every distilled arm. Optional *pretrain* runs are trained once before the rest; an arm or the teacher
+naming one as its ``init`` starts from its final weights (``model.init_checkpoint``), as a VOC student
+starts from ImageNet weights. The same seed gives every arm the same initial student weights, data
+order and augmentation, so ``arm - baseline`` on one seed is a paired difference; over n seeds its mean
+and its 95% confidence interval (paired t) say whether a method helps, and by how much::
 
     experiment = load_experiment("configs/compare_demo.yaml")
     result = run_experiment(experiment)    # resumable: finished runs are reused, cut ones resumed
@@ -58,6 +60,7 @@ class Arm:
     name: str
     config: str | None
     overrides: tuple[str, ...] = ()
+    init: str | None = None  # the pretrain run whose final weights this arm starts from
 
 
 @dataclass
@@ -67,7 +70,8 @@ class Experiment:
     seeds: list[int]
     output_dir: str
     teacher: Arm | None = None  # trained once (its config's seed); distilled arms distil from its final model
-    overrides: tuple[str, ...] = ()  # for every run, the teacher's included
+    overrides: tuple[str, ...] = ()  # for every run, the teacher's and the pretrain runs' included
+    pretrain: list[Arm] = field(default_factory=list)  # trained once, before the rest (their config's seed)
 
     @property
     def arm_names(self) -> list[str]:
@@ -75,8 +79,18 @@ class Experiment:
 
     def __post_init__(self) -> None:
         names = self.arm_names
-        if not names or len(set(names)) != len(names) or TEACHER in names:
-            raise ConfigError(f"experiment arms need distinct names (and none called {TEACHER!r}), got {names}")
+        pretrain = [p.name for p in self.pretrain]
+        every = [*names, *pretrain, TEACHER]
+        if not names or len(set(every)) != len(every):
+            raise ConfigError(
+                f"experiment arms and pretrain runs need distinct names (and none called {TEACHER!r}), "
+                f"got arms {names}, pretrain {pretrain}"
+            )
+        for arm in [*self.arms, *([self.teacher] if self.teacher else [])]:
+            if arm.init is not None and arm.init not in pretrain:
+                raise ConfigError(f"{arm.name}: init {arm.init!r} is not a pretrain run (those: {pretrain})")
+        if any(p.init is not None for p in self.pretrain):
+            raise ConfigError("a pretrain run starts from its own config's weights; it takes no init")
         if self.baseline not in names:
             raise ConfigError(f"the baseline {self.baseline!r} is not one of the arms {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -89,10 +103,12 @@ def load_experiment(path: str | Path) -> Experiment:
         output_dir: runs/compare_demo
         seeds: [1, 2, 3, 4, 5]
         overrides: []                  # optional, for every run
-        teacher: {config: demo_teacher_synthetic.yaml}            # optional
+        pretrain:                      # optional: trained once, first; arms name one as their init
+          student_init: {config: demo_student_synthetic.yaml}
+        teacher: {config: demo_teacher_synthetic.yaml}            # optional; may have an init too
         baseline: alone
         arms:
-          alone: {config: demo_student_synthetic.yaml}
+          alone: {config: demo_student_synthetic.yaml, init: student_init}
           hinton: {config: demo_distill_synthetic.yaml, overrides: ["distill.methods=[hinton]"]}
 
     Config paths are relative to the experiment file."""
@@ -100,18 +116,27 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
-    known = {"output_dir", "seeds", "overrides", "teacher", "baseline", "arms"}
-    if not isinstance(tree, dict) or set(tree) - known or not isinstance(tree.get("arms"), dict):
+    known = {"output_dir", "seeds", "overrides", "pretrain", "teacher", "baseline", "arms"}
+    pretrain = (tree.get("pretrain") or {}) if isinstance(tree, dict) else {}
+    if (
+        not isinstance(tree, dict) or set(tree) - known or not isinstance(tree.get("arms"), dict)
+        or not isinstance(pretrain, dict)
+    ):  # fmt: skip
         raise ConfigError(
             f"{path}: an experiment is a mapping with 'arms' (name: {{config, overrides}}) and "
-            f"optionally {sorted(known - {'arms'})}"
+            f"optionally {sorted(known - {'arms'})} (pretrain: a mapping name: {{config, overrides}})"
         )
 
     def arm(name: str, spec) -> Arm:
-        if not isinstance(spec, dict) or set(spec) - {"config", "overrides"}:
-            raise ConfigError(f"{path}: arm {name}: expected {{config: FILE, overrides: [key=value, ...]}}, got {spec}")
+        if not isinstance(spec, dict) or set(spec) - {"config", "overrides", "init"}:
+            raise ConfigError(
+                f"{path}: arm {name}: expected {{config: FILE, overrides: [key=value, ...], init: PRETRAIN}}, "
+                f"got {spec}"
+            )
         config = spec.get("config")
-        return Arm(name, str(path.parent / config) if config else None, tuple(spec.get("overrides") or ()))
+        return Arm(
+            name, str(path.parent / config) if config else None, tuple(spec.get("overrides") or ()), spec.get("init")
+        )
 
     arms = [arm(name, spec) for name, spec in tree["arms"].items()]
     return Experiment(
@@ -121,6 +146,7 @@ def load_experiment(path: str | Path) -> Experiment:
         output_dir=tree.get("output_dir", f"runs/{path.stem}"),
         teacher=arm(TEACHER, tree["teacher"]) if tree.get("teacher") else None,
         overrides=tuple(tree.get("overrides") or ()),
+        pretrain=[arm(name, spec) for name, spec in pretrain.items()],
     )
 
 
@@ -144,6 +170,18 @@ class ComparisonResult:
     runs: dict[str, dict[int, RunRecord]]  # arm -> seed -> run
     teacher: RunRecord | None
     environment: dict[str, str] = field(default_factory=dict)
+    pretrain: dict[str, RunRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the experiment: its arm (or teacher, or pretrain run), seed (None: trained once), config,
+    and the runs it needs finished first (as (name, None): the teacher, its init)."""
+
+    name: str
+    seed: int | None
+    cfg: Config
+    needs: tuple[tuple[str, None], ...] = ()
 
 
 def _run_config(experiment: Experiment, arm: Arm, seed: int | None, teacher_file: str | None) -> Config:
@@ -151,14 +189,17 @@ def _run_config(experiment: Experiment, arm: Arm, seed: int | None, teacher_file
     overrides = [*experiment.overrides, *arm.overrides, f"train.output_dir={out}"]
     if seed is not None:
         overrides.append(f"train.seed={seed}")
+    if arm.init is not None:
+        overrides.append(f"model.init_checkpoint={_final_model(experiment, arm.init)}")
     cfg = load_config(arm.config, overrides)
     if cfg.distill is not None and teacher_file is not None:  # the experiment's teacher replaces the config's
         cfg = load_config(arm.config, [*overrides, f"distill.teacher={teacher_file}"])
     return cfg
 
 
-def _teacher_file(cfg: Config) -> str | None:
-    return cfg.distill.teacher if cfg.distill is not None else None
+def _final_model(experiment: Experiment, name: str) -> str:
+    """Where the run ``name`` that is trained once (the teacher, a pretrain run) leaves its final model."""
+    return str(Path(experiment.output_dir) / name / "model_final.pt")
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -167,10 +208,21 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _input_digests(cfg: Config) -> dict[str, str | None]:
+    """The digests of the model files a run starts from (its initial weights) and distils from (its teacher)."""
+    return {
+        "init": _file_digest(cfg.model.init_checkpoint),
+        "teacher": _file_digest(cfg.distill.teacher if cfg.distill is not None else None),
+    }
+
+
+INPUTS_MARKER = "compare_inputs.json"
+
+
 def earlier_run(cfg: Config) -> tuple[bool, bool]:
-    """What an earlier run of exactly this config (and teacher file) left in ``train.output_dir``:
-    (finished: its final evaluation is logged, resume: it stopped before). Another config, another
-    teacher file, or nothing there: (False, False), train afresh."""
+    """What an earlier run of exactly this config (and initial weights, and teacher file) left in
+    ``train.output_dir``: (finished: its final evaluation is logged, resume: it stopped before). Another
+    config, other model files, or nothing there: (False, False), train afresh."""
     from odkd.engine.trainer import read_metrics
 
     out = Path(cfg.train.output_dir)
@@ -178,9 +230,9 @@ def earlier_run(cfg: Config) -> tuple[bool, bool]:
         same = (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
     except ConfigError:  # written by another odkd version: not this config
         same = False
-    marker = out / "compare_teacher.json"
-    teacher = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
-    if not same or teacher != _file_digest(_teacher_file(cfg)):
+    marker = out / INPUTS_MARKER
+    inputs = json.loads(marker.read_text()) if marker.is_file() else None
+    if not same or inputs != _input_digests(cfg):
         return False, False
     finished = any(r["iter"] == cfg.optim.max_iters and "mAP" in r for r in read_metrics(out))
     return finished, not finished
@@ -188,7 +240,7 @@ def earlier_run(cfg: Config) -> tuple[bool, bool]:
 
 def _plan(cfg: Config, fresh: bool) -> str:
     """How the run of ``cfg`` goes: "reused" (finished earlier), "resumed" (cut earlier) or "trained" (its
-    folder marked with the teacher it distils from, if any)."""
+    folder marked with the model files it starts from and distils from)."""
     finished, resume = (False, False) if fresh else earlier_run(cfg)
     if finished:
         return "reused"
@@ -196,7 +248,7 @@ def _plan(cfg: Config, fresh: bool) -> str:
         return "resumed"
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_teacher.json").write_text(json.dumps({"sha256": _file_digest(_teacher_file(cfg))}))
+    (out / INPUTS_MARKER).write_text(json.dumps(_input_digests(cfg)))
     return "trained"
 
 
@@ -250,12 +302,13 @@ def run_experiment(
     arms: list[str] | None = None,
     jobs: int = 1,
 ) -> ComparisonResult:
-    """Train the teacher (once), then every arm on every seed, seed by seed (so an interrupted experiment
-    holds complete pairs); reuse finished runs of the same config and resume cut ones unless ``fresh``.
-    ``arms``: a subset of the arm names to run (the baseline is always run). ``jobs`` > 1 (CPU): that many
-    runs at once, each in a process of its own with an equal share of this process's threads, the teacher
-    beside the runs that do not distil; a small model trains about as fast on one thread as on two, so
-    two runs at once on two cores do nearly twice the work."""
+    """Train the pretrain runs and the teacher (once each), then every arm on every seed, seed by seed (so an
+    interrupted experiment holds complete pairs); reuse finished runs of the same config and resume cut ones
+    unless ``fresh``. ``arms``: a subset of the arm names to run (the baseline is always run, and the
+    pretrain runs the chosen arms and the teacher start from). ``jobs`` > 1 (CPU): that many runs at once,
+    each in a process of its own with an equal share of this process's threads, a run starting once the
+    runs it needs (its init, its teacher) have finished; a small model trains about as fast on one thread as
+    on two, so two runs at once on two cores do nearly twice the work."""
     from odkd.engine.build import log
 
     if jobs < 1:
@@ -264,37 +317,47 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"no arm named {', '.join(unknown)} in the experiment (its arms: {experiment.arm_names})")
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
-    plan: list[tuple[str, int | None, Config]] = []
-    teacher_file = None
-    if experiment.teacher is not None:
-        cfg = _run_config(experiment, experiment.teacher, None, None)
-        teacher_file = str(Path(cfg.train.output_dir) / "model_final.pt")
-        plan.append((TEACHER, None, cfg))
-    plan += [
-        (a.name, seed, _run_config(experiment, a, seed, teacher_file)) for seed in experiment.seeds for a in chosen
-    ]
+    teacher = [experiment.teacher] if experiment.teacher is not None else []
+    inits = {a.init for a in [*teacher, *chosen]}
+    plan = [PlannedRun(p.name, None, _run_config(experiment, p, None, None)) for p in experiment.pretrain
+            if p.name in inits]  # fmt: skip
 
-    def finished(name: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
-        record = _record(name, seed, cfg, how)
-        log.info("%-24s mAP %.2f (%s)", _label(name, seed), 100 * record.mAP, how)
+    def needs(arm: Arm, cfg: Config) -> tuple[tuple[str, None], ...]:
+        distils = cfg.distill is not None and teacher
+        return tuple((name, None) for name in (arm.init, TEACHER if distils else None) if name is not None)
+
+    teacher_file = None
+    for arm in teacher:
+        cfg = _run_config(experiment, arm, None, None)
+        plan.append(PlannedRun(TEACHER, None, cfg, needs(arm, cfg)))
+        teacher_file = _final_model(experiment, TEACHER)
+    for seed in experiment.seeds:
+        for arm in chosen:
+            cfg = _run_config(experiment, arm, seed, teacher_file)
+            plan.append(PlannedRun(arm.name, seed, cfg, needs(arm, cfg)))
+
+    def finished(run: PlannedRun, how: str) -> RunRecord:
+        record = _record(run.name, run.seed, run.cfg, how)
+        log.info("%-24s mAP %.2f (%s)", _label(run.name, run.seed), 100 * record.mAP, how)
         return record
 
-    if jobs == 1:
+    if jobs == 1:  # in plan order, which puts every run after the runs it needs
         records = {}
-        for name, seed, cfg in plan:
-            how = _plan(cfg, fresh)
-            _train(cfg, device, progress, how)
-            records[name, seed] = finished(name, seed, cfg, how)
+        for run in plan:
+            how = _plan(run.cfg, fresh)
+            _train(run.cfg, device, progress, how)
+            records[run.name, run.seed] = finished(run, how)
     else:
         records = _run_in_parallel(plan, device, fresh, jobs, finished)
     runs = {a.name: {seed: records[a.name, seed] for seed in experiment.seeds} for a in chosen}
-    return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device, jobs))
+    pretrain = {p.name: records[p.name, None] for p in experiment.pretrain if (p.name, None) in records}
+    return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device, jobs), pretrain)
 
 
-def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished) -> dict:
-    """The runs of ``plan`` (name, seed, config), ``jobs`` at a time in child processes, in plan order except
-    that distilling runs wait for the teacher; ``finished(name, seed, cfg, how)`` gives each its record. A run
-    that fails stops the others (they checkpoint: the next call resumes them) and raises TrainingError."""
+def _run_in_parallel(plan: list[PlannedRun], device: str | None, fresh: bool, jobs: int, finished) -> dict:
+    """The runs of ``plan``, ``jobs`` at a time in child processes, in plan order except that a run waits for
+    the runs it needs; ``finished(run, how)`` gives each its record. A run that fails stops the others (they
+    checkpoint: the next call resumes them) and raises TrainingError."""
     import multiprocessing
     import multiprocessing.connection
     import os
@@ -305,42 +368,40 @@ def _run_in_parallel(plan, device: str | None, fresh: bool, jobs: int, finished)
 
     if select_device(device).type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"jobs={jobs} runs several CPU runs at once (--device cpu); on GPUs: one, or torchrun")
-    for _, _, cfg in plan:  # here, once: runs writing the same synthetic data at once would mix their files
-        if cfg.data.synthetic:
-            write_synthetic_data(cfg)
+    for run in plan:  # here, once: runs writing the same synthetic data at once would mix their files
+        if run.cfg.data.synthetic:
+            write_synthetic_data(run.cfg)
     threads = _threads_per_run(jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
     waiting, running, records = list(plan), {}, {}
-    has_teacher = any(name == TEACHER for name, _, _ in plan)
     while waiting or running:
         # One run started or reused per pass, so a reused run frees its slot at once and a reused teacher
         # makes the distilled runs ready at once.
-        teacher_pending = has_teacher and (TEACHER, None) not in records
-        item = next((i for i in waiting if not (teacher_pending and i[2].distill is not None)), None)
-        if item is not None and len(running) < jobs:
-            waiting.remove(item)
-            name, seed, cfg = item
-            how = _plan(cfg, fresh)
+        run = next((r for r in waiting if all(n in records for n in r.needs)), None)
+        if run is not None and len(running) < jobs:
+            waiting.remove(run)
+            how = _plan(run.cfg, fresh)
             if how == "reused":
-                records[name, seed] = finished(name, seed, cfg, how)
+                records[run.name, run.seed] = finished(run, how)
             else:
-                process = context.Process(target=_train_in_process, args=(cfg, device, how, threads))
+                process = context.Process(target=_train_in_process, args=(run.cfg, device, how, threads))
                 process.start()
-                log.info("%-24s started (%s)", _label(name, seed), cfg.train.output_dir)
-                running[process.sentinel] = (process, item, how)
+                log.info("%-24s started (%s)", _label(run.name, run.seed), run.cfg.train.output_dir)
+                running[process.sentinel] = (process, run, how)
             continue
         for sentinel in multiprocessing.connection.wait(list(running)):
-            process, (name, seed, cfg), how = running.pop(sentinel)
+            process, run, how = running.pop(sentinel)
             process.join()
             if process.exitcode != 0:
                 for other, *_ in running.values():
                     other.terminate()  # SIGTERM: the run checkpoints and ends
                     other.join()
-                log_file = Path(cfg.train.output_dir) / "compare.log"
+                out = run.cfg.train.output_dir
+                log_file = Path(out) / "compare.log"
                 last = log_file.read_text().strip().splitlines()[-1:] if log_file.is_file() else []
                 where = f"{last[0]} (log: {log_file})" if last else "it failed while starting, before its log"
-                raise TrainingError(f"{cfg.train.output_dir}: the run failed (exit {process.exitcode}): {where}")
-            records[name, seed] = finished(name, seed, cfg, how)
+                raise TrainingError(f"{out}: the run failed (exit {process.exitcode}): {where}")
+            records[run.name, run.seed] = finished(run, how)
     return records
 
 
@@ -463,9 +524,12 @@ def summary(result: ComparisonResult) -> dict:
         "seeds": experiment.seeds,
         "environment": result.environment,
         "teacher": teacher_data,
+        "pretrain": {name: 100 * record.mAP for name, record in result.pretrain.items()},  # on their own data
         "arms": arms,
-        "configs": {  # the arms that ran (``run_experiment(arms=...)`` may leave some out)
-            a.name: {"config": a.config, "overrides": list(a.overrides)} for a in experiment.arms if a.name in arms
+        "configs": {  # the runs that ran (``run_experiment(arms=...)`` may leave some arms out)
+            a.name: {"config": a.config, "overrides": list(a.overrides), "init": a.init}
+            for a in [*experiment.pretrain, *([experiment.teacher] if experiment.teacher else []), *experiment.arms]
+            if a.name in arms or a.name in result.pretrain or (a.name == TEACHER and teacher)
         },
     }
 
@@ -535,8 +599,15 @@ def markdown(data: dict) -> str:
     lines += ["", "Per seed (mAP):", "", f"| seed | {' | '.join(data['arms'])} |", "|---|" + "---|" * len(data["arms"])]
     for seed in seeds:
         lines.append(f"| {seed} | {' | '.join(_number(arm['mAP'].get(str(seed))) for arm in data['arms'].values())} |")
+    if data.get("pretrain"):
+        trained = ", ".join(f"`{name}` {_number(value)}" for name, value in data["pretrain"].items())
+        lines += ["", f"Pretrain runs (trained once; mAP on their own test data): {trained}."]
     lines += ["", "Configs:", ""]
-    lines += [f"- `{name}`: {spec['config']} {' '.join(spec['overrides'])}" for name, spec in data["configs"].items()]
+    lines += [
+        f"- `{name}`: {spec['config']} {' '.join(spec['overrides'])}"
+        + (f" (starts from `{spec['init']}`)" if spec.get("init") else "")
+        for name, spec in data["configs"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -83,7 +83,7 @@ def test_report_lists_only_the_arms_that_ran():
     experiment = Experiment([Arm("alone", "a.yaml"), Arm("kd", "b.yaml", ("x.y=1",))], "alone", [1], "unused")
     runs = {"alone": {1: record("alone", 1, 0.40, {"a": 0.3})}}
     data = summary(ComparisonResult(experiment, runs, None, {}))
-    assert data["configs"] == {"alone": {"config": "a.yaml", "overrides": []}}
+    assert data["configs"] == {"alone": {"config": "a.yaml", "overrides": [], "init": None}}
     assert "b.yaml" not in markdown(data)
 
 
@@ -118,6 +118,32 @@ def test_experiment_files_are_checked(tmp_path):
         load_experiment(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_experiment(tmp_path / "nowhere.yaml")
+
+
+def test_pretrain_runs_are_checked(tmp_path):
+    """Pretrain runs are named like arms; an ``init`` must name one, and a pretrain run takes none."""
+    path = tmp_path / "x.yaml"
+    tree = {
+        "pretrain": {"base": {"config": "p.yaml"}},
+        "teacher": {"init": "base"},
+        "arms": {"a": {"config": "c.yaml", "init": "base"}, "b": {}},
+    }
+    path.write_text(yaml.safe_dump(tree))
+    experiment = load_experiment(path)
+    assert experiment.pretrain == [Arm("base", str(tmp_path / "p.yaml"))]
+    assert experiment.arms[0].init == "base" and experiment.arms[1].init is None and experiment.teacher.init == "base"
+    for broken, message in [
+        (
+            {**tree, "arms": {"a": {"init": "nothing"}}},
+            r"a: init 'nothing' is not a pretrain run \(those: \['base'\]\)",
+        ),
+        ({**tree, "arms": {"base": {}}}, "need distinct names"),
+        ({**tree, "pretrain": {"base": {"init": "base"}}}, "a pretrain run .* takes no init"),
+        ({**tree, "pretrain": ["base"]}, "pretrain: a mapping"),
+    ]:
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(path)
 
 
 def tiny_overrides(tmp_path):
@@ -249,3 +275,49 @@ def test_runs_side_by_side_are_the_runs_one_after_the_other(tmp_path, caplog):
     assert "no.pt" in (tmp_path / "two/broken/seed1/compare.log").read_text()
     with pytest.raises(ConfigError, match="jobs must be at least 1"):
         run_experiment(Experiment([alone], "alone", [1], str(tmp_path / "two"), None, common), "cpu", jobs=0)
+
+
+def test_pretrain_runs_train_once_and_start_the_arms_and_the_teacher(tmp_path, caplog):
+    """A pretrain run is trained once, first; the teacher and the arms that name it start from its final
+    weights; side by side (jobs=2) they wait for it. Retraining it retrains what starts from it."""
+    common = tiny_overrides(tmp_path)
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump({"distill": {"teacher": "set-by-the-experiment"}}))
+    base = Arm("base", None, ("model.width_mult=0.75",))
+    arms = [
+        Arm("alone", None, ("model.width_mult=0.75",), init="base"),
+        Arm("hinton", str(tmp_path / "distill.yaml"), ("distill.methods=[hinton]", "model.width_mult=0.75"), "base"),
+    ]
+    teacher = Arm("teacher", None, ("model.width_mult=0.75",), init="base")
+
+    def experiment(pretrain=base):
+        return Experiment(arms, "alone", [1], str(tmp_path / "cmp"), teacher, common, [pretrain])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # one thread for each of the two jobs
+        with caplog.at_level(logging.INFO, logger="odkd"):
+            result = run_experiment(experiment(), "cpu", jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    pretrained = str(tmp_path / "cmp" / "base" / "model_final.pt")
+    assert result.pretrain["base"].how == "trained" and result.teacher.how == "trained"
+    for run in ("teacher", "alone/seed1", "hinton/seed1"):
+        assert load_config(tmp_path / "cmp" / run / "config.yaml").model.init_checkpoint == pretrained
+        assert (
+            f"initialised 478 tensors from {pretrained} (0 left as they were)"
+            in (tmp_path / "cmp" / run / "compare.log").read_text()
+        ), run
+    lines = [record.getMessage() for record in caplog.records]
+    base_done = next(i for i, line in enumerate(lines) if line.startswith("base ") and "(trained)" in line)
+    assert all(i > base_done for i, line in enumerate(lines) if "started" in line and not line.startswith("base "))
+    data = summary(result)
+    assert data["pretrain"] == {"base": 100 * result.pretrain["base"].mAP}
+    assert data["configs"]["alone"]["init"] == "base" and "(starts from `base`)" in markdown(data)
+    assert "Pretrain runs (trained once; mAP on their own test data): `base` " in markdown(data)
+
+    again = run_experiment(experiment(), "cpu")
+    assert again.pretrain["base"].how == "reused" and again.runs["hinton"][1].how == "reused"
+    # Other pretraining: other initial weights, so the teacher and every arm train again.
+    third = run_experiment(experiment(Arm("base", None, ("model.width_mult=0.75", "optim.lr=0.01"))), "cpu")
+    assert third.pretrain["base"].how == "trained" and third.teacher.how == "trained"
+    assert {r.how for runs in third.runs.values() for r in runs.values()} == {"trained"}
