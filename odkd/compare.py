@@ -319,8 +319,9 @@ def run_experiment(
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
     teacher = [experiment.teacher] if experiment.teacher is not None else []
     inits = {a.init for a in [*teacher, *chosen]}
-    plan = [PlannedRun(p.name, None, _run_config(experiment, p, None, None)) for p in experiment.pretrain
-            if p.name in inits]  # fmt: skip
+    plan = [
+        PlannedRun(p.name, None, _run_config(experiment, p, None, None)) for p in experiment.pretrain if p.name in inits
+    ]
 
     def needs(arm: Arm, cfg: Config) -> tuple[tuple[str, None], ...]:
         distils = cfg.distill is not None and teacher
