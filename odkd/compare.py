@@ -77,6 +77,11 @@ class Experiment:
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
 
+    @property
+    def every_arm(self) -> list[Arm]:
+        """The pretrain runs, the teacher (if any) and the arms, in the order they are trained."""
+        return [*self.pretrain, *([self.teacher] if self.teacher else []), *self.arms]
+
     def __post_init__(self) -> None:
         names = self.arm_names
         pretrain = [p.name for p in self.pretrain]
@@ -86,11 +91,11 @@ class Experiment:
                 f"experiment arms and pretrain runs need distinct names (and none called {TEACHER!r}), "
                 f"got arms {names}, pretrain {pretrain}"
             )
-        for arm in [*self.arms, *([self.teacher] if self.teacher else [])]:
-            if arm.init is not None and arm.init not in pretrain:
-                raise ConfigError(f"{arm.name}: init {arm.init!r} is not a pretrain run (those: {pretrain})")
         if any(p.init is not None for p in self.pretrain):
             raise ConfigError("a pretrain run starts from its own config's weights; it takes no init")
+        for arm in self.every_arm:
+            if arm.init is not None and arm.init not in pretrain:
+                raise ConfigError(f"{arm.name}: init {arm.init!r} is not a pretrain run (those: {pretrain})")
         if self.baseline not in names:
             raise ConfigError(f"the baseline {self.baseline!r} is not one of the arms {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -176,12 +181,12 @@ class ComparisonResult:
 @dataclass(frozen=True)
 class PlannedRun:
     """One run of the experiment: its arm (or teacher, or pretrain run), seed (None: trained once), config,
-    and the runs it needs finished first (as (name, None): the teacher, its init)."""
+    and the names of the runs trained once that it needs finished first (its init, its teacher)."""
 
     name: str
     seed: int | None
     cfg: Config
-    needs: tuple[tuple[str, None], ...] = ()
+    needs: tuple[str, ...] = ()
 
 
 def _run_config(experiment: Experiment, arm: Arm, seed: int | None, teacher_file: str | None) -> Config:
@@ -317,20 +322,20 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"no arm named {', '.join(unknown)} in the experiment (its arms: {experiment.arm_names})")
     chosen = [a for a in experiment.arms if arms is None or a.name in arms or a.name == experiment.baseline]
-    teacher = [experiment.teacher] if experiment.teacher is not None else []
-    inits = {a.init for a in [*teacher, *chosen]}
+    teacher = experiment.teacher
+    inits = {a.init for a in [*([teacher] if teacher else []), *chosen]}
     plan = [
         PlannedRun(p.name, None, _run_config(experiment, p, None, None)) for p in experiment.pretrain if p.name in inits
     ]
 
-    def needs(arm: Arm, cfg: Config) -> tuple[tuple[str, None], ...]:
-        distils = cfg.distill is not None and teacher
-        return tuple((name, None) for name in (arm.init, TEACHER if distils else None) if name is not None)
+    def needs(arm: Arm, cfg: Config) -> tuple[str, ...]:
+        distils = cfg.distill is not None and teacher is not None
+        return tuple(name for name in (arm.init, TEACHER if distils else None) if name is not None)
 
     teacher_file = None
-    for arm in teacher:
-        cfg = _run_config(experiment, arm, None, None)
-        plan.append(PlannedRun(TEACHER, None, cfg, needs(arm, cfg)))
+    if teacher is not None:
+        cfg = _run_config(experiment, teacher, None, None)
+        plan.append(PlannedRun(TEACHER, None, cfg, needs(teacher, cfg)))
         teacher_file = _final_model(experiment, TEACHER)
     for seed in experiment.seeds:
         for arm in chosen:
@@ -378,7 +383,7 @@ def _run_in_parallel(plan: list[PlannedRun], device: str | None, fresh: bool, jo
     while waiting or running:
         # One run started or reused per pass, so a reused run frees its slot at once and a reused teacher
         # makes the distilled runs ready at once.
-        run = next((r for r in waiting if all(n in records for n in r.needs)), None)
+        run = next((r for r in waiting if all((name, None) in records for name in r.needs)), None)
         if run is not None and len(running) < jobs:
             waiting.remove(run)
             how = _plan(run.cfg, fresh)
@@ -529,7 +534,7 @@ def summary(result: ComparisonResult) -> dict:
         "arms": arms,
         "configs": {  # the runs that ran (``run_experiment(arms=...)`` may leave some arms out)
             a.name: {"config": a.config, "overrides": list(a.overrides), "init": a.init}
-            for a in [*experiment.pretrain, *([experiment.teacher] if experiment.teacher else []), *experiment.arms]
+            for a in experiment.every_arm
             if a.name in arms or a.name in result.pretrain or (a.name == TEACHER and teacher)
         },
     }

@@ -31,6 +31,6 @@ def test_config_loads(path):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_loads(path):
     experiment = load_experiment(path)
-    for arm in [*experiment.pretrain, *experiment.arms, *([experiment.teacher] if experiment.teacher else [])]:
+    for arm in experiment.every_arm:
         cfg = load_config(arm.config, [*experiment.overrides, *arm.overrides])
         assert Path(arm.config) in CONFIGS and cfg.optim.max_iters > 0
