@@ -532,6 +532,7 @@ def summary(result: ComparisonResult) -> dict:
         "teacher": teacher_data,
         "pretrain": {name: 100 * record.mAP for name, record in result.pretrain.items()},  # on their own data
         "arms": arms,
+        "overrides": list(experiment.overrides),  # every run's, before its own
         "configs": {  # the runs that ran (``run_experiment(arms=...)`` may leave some arms out)
             a.name: {"config": a.config, "overrides": list(a.overrides), "init": a.init}
             for a in experiment.every_arm
@@ -609,6 +610,8 @@ def markdown(data: dict) -> str:
         trained = ", ".join(f"`{name}` {_number(value)}" for name, value in data["pretrain"].items())
         lines += ["", f"Pretrain runs (trained once; mAP on their own test data): {trained}."]
     lines += ["", "Configs:", ""]
+    if data.get("overrides"):
+        lines.append(f"- every run: {' '.join(data['overrides'])}, then its own:")
     lines += [
         f"- `{name}`: {spec['config']} {' '.join(spec['overrides'])}"
         + (f" (starts from `{spec['init']}`)" if spec.get("init") else "")

@@ -87,6 +87,13 @@ def test_report_lists_only_the_arms_that_ran():
     assert "b.yaml" not in markdown(data)
 
 
+def test_report_names_the_overrides_of_every_run_once():
+    experiment = Experiment([Arm("alone", "a.yaml")], "alone", [1], "unused", overrides=("data.voc_root=d", "x.y=2"))
+    data = summary(ComparisonResult(experiment, {"alone": {1: record("alone", 1, 0.40, {"a": 0.3})}}, None, {}))
+    assert data["overrides"] == ["data.voc_root=d", "x.y=2"]
+    assert "- every run: data.voc_root=d x.y=2, then its own:\n- `alone`: a.yaml" in markdown(data)
+
+
 def test_only_names_arms_and_leaves_overrides_to_every_run(tmp_path, run_scripts):
     """``--only`` takes every word after it: an arm name that is not in the experiment is refused before
     anything runs (it was once ignored, so a run went ahead without the overrides typed after it), and a
