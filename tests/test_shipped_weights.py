@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from odkd.checkpoint import init_from_checkpoint, load_model
-from odkd.compare import load_experiment
-from odkd.config import load_config
+from odkd.compare import _run_config, load_experiment
 from odkd.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +19,7 @@ EXPERIMENTS = sorted((ROOT / "configs").glob("compare_*.yaml"))
 def _runs_from_shipped_weights(path: Path):
     experiment = load_experiment(path)
     for arm in experiment.every_arm:
-        cfg = load_config(arm.config, [*experiment.overrides, *arm.overrides])
+        cfg = _run_config(experiment, arm, None, None)  # the config the harness trains
         if cfg.model.init_checkpoint and Path(cfg.model.init_checkpoint).parts[0] == "weights":
             yield arm.name, cfg
 
