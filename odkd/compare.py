@@ -299,25 +299,10 @@ def _record(arm: str, seed: int | None, cfg: Config, how: str) -> RunRecord:
     return RunRecord(arm, seed, str(cfg.train.output_dir), final["mAP"], final["ap"], losses, how)
 
 
-def run_experiment(
-    experiment: Experiment,
-    device: str | None = None,
-    progress: bool = False,
-    fresh: bool = False,
-    arms: list[str] | None = None,
-    jobs: int = 1,
-) -> ComparisonResult:
-    """Train the pretrain runs and the teacher (once each), then every arm on every seed, seed by seed (so an
-    interrupted experiment holds complete pairs); reuse finished runs of the same config and resume cut ones
-    unless ``fresh``. ``arms``: a subset of the arm names to run (the baseline is always run, and the
-    pretrain runs the chosen arms and the teacher start from). ``jobs`` > 1 (CPU): that many runs at once,
-    each in a process of its own with an equal share of this process's threads, a run starting once the
-    runs it needs (its init, its teacher) have finished; a small model trains about as fast on one thread as
-    on two, so two runs at once on two cores do nearly twice the work."""
-    from odkd.engine.build import log
-
-    if jobs < 1:
-        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+def plan_runs(experiment: Experiment, arms: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of the experiment with the config it trains, in training order: the pretrain runs the
+    chosen arms and the teacher start from, the teacher, then every chosen arm on every seed, seed by seed.
+    ``arms``: a subset of the arm names (the baseline is always in)."""
     unknown = sorted(set(arms or ()) - set(experiment.arm_names))
     if unknown:
         raise ConfigError(f"no arm named {', '.join(unknown)} in the experiment (its arms: {experiment.arm_names})")
@@ -341,6 +326,28 @@ def run_experiment(
         for arm in chosen:
             cfg = _run_config(experiment, arm, seed, teacher_file)
             plan.append(PlannedRun(arm.name, seed, cfg, needs(arm, cfg)))
+    return plan
+
+
+def run_experiment(
+    experiment: Experiment,
+    device: str | None = None,
+    progress: bool = False,
+    fresh: bool = False,
+    arms: list[str] | None = None,
+    jobs: int = 1,
+) -> ComparisonResult:
+    """Train the runs of ``plan_runs(experiment, arms)``: the pretrain runs and the teacher (once each), then
+    every arm on every seed, seed by seed (so an interrupted experiment holds complete pairs); reuse finished
+    runs of the same config and resume cut ones unless ``fresh``. ``jobs`` > 1 (CPU): that many runs at once,
+    each in a process of its own with an equal share of this process's threads, a run starting once the
+    runs it needs (its init, its teacher) have finished; a small model trains about as fast on one thread as
+    on two, so two runs at once on two cores do nearly twice the work."""
+    from odkd.engine.build import log
+
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    plan = plan_runs(experiment, arms)
 
     def finished(run: PlannedRun, how: str) -> RunRecord:
         record = _record(run.name, run.seed, run.cfg, how)
@@ -355,7 +362,10 @@ def run_experiment(
             records[run.name, run.seed] = finished(run, how)
     else:
         records = _run_in_parallel(plan, device, fresh, jobs, finished)
-    runs = {a.name: {seed: records[a.name, seed] for seed in experiment.seeds} for a in chosen}
+    runs: dict[str, dict[int, RunRecord]] = {}
+    for run in plan:  # arms in the experiment's order, each with its seeds
+        if run.seed is not None:
+            runs.setdefault(run.name, {})[run.seed] = records[run.name, run.seed]
     pretrain = {p.name: records[p.name, None] for p in experiment.pretrain if (p.name, None) in records}
     return ComparisonResult(experiment, runs, records.get((TEACHER, None)), _environment(device, jobs), pretrain)
 

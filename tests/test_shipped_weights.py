@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from odkd.checkpoint import init_from_checkpoint, load_model
-from odkd.compare import _run_config, load_experiment
+from odkd.compare import load_experiment, plan_runs
 from odkd.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,11 +17,10 @@ EXPERIMENTS = sorted((ROOT / "configs").glob("compare_*.yaml"))
 
 
 def _runs_from_shipped_weights(path: Path):
-    experiment = load_experiment(path)
-    for arm in experiment.every_arm:
-        cfg = _run_config(experiment, arm, None, None)  # the config the harness trains
+    configs = {run.name: run.cfg for run in plan_runs(load_experiment(path))}  # what the harness trains, a seed each
+    for name, cfg in configs.items():
         if cfg.model.init_checkpoint and Path(cfg.model.init_checkpoint).parts[0] == "weights":
-            yield arm.name, cfg
+            yield name, cfg
 
 
 def test_shipped_weights_are_the_documented_files():
